@@ -1,0 +1,438 @@
+//! Configuration: every setting, its default, where it comes from, and its validation.
+//!
+//! Sources, lowest priority first:
+//! 1. the defaults in [`Config::default`];
+//! 2. `DIR/seafile.conf`, section `[notification]` (Seafile 10/11 put `host`, `port`,
+//!    `log_level` and `jwt_private_key` there; this server reads its own limits there too);
+//! 3. the environment: `JWT_PRIVATE_KEY`, and `NOTIFICATION_SERVER_<KEY>` for every other key
+//!    (so `NOTIFICATION_SERVER_HOST`, `_PORT` and `_LOG_LEVEL` are exactly the official
+//!    Seafile 12+ variables). An empty variable counts as unset, as compose files often
+//!    write `VAR=`.
+//!
+//! The module is pure: it is handed the file text and an environment lookup function, so
+//! tests need neither files nor a real environment. Every error names the source, the key
+//! and the reason in one line, because that line is all an admin sees of a failed start.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Every setting of the server, validated.
+#[derive(Clone, PartialEq)]
+pub struct Config {
+    /// Address to listen on (`host`, default `0.0.0.0`).
+    pub host: String,
+    /// Port to listen on (`port`, default 8083; 0 picks a free port, for tests).
+    pub port: u16,
+    /// Log level (`log_level`, default `info`).
+    pub log_level: log::LevelFilter,
+    /// The HMAC key shared with seaf-server and seahub (`jwt_private_key` /
+    /// `JWT_PRIVATE_KEY`). The raw bytes are the key: no base64, no quote stripping,
+    /// because that is what seaf-server signs with. Never logged.
+    pub jwt_private_key: Vec<u8>,
+    /// Interval between server pings on an idle websocket (`ping_interval`, seconds).
+    pub ping_interval: Duration,
+    /// A websocket from which nothing at all was heard for this long is closed
+    /// (`pong_timeout`, seconds).
+    pub pong_timeout: Duration,
+    /// Most simultaneous connections, HTTP and websocket together (`max_connections`).
+    /// At the cap the server stops accepting until one closes.
+    pub max_connections: usize,
+    /// Largest HTTP request head, request line and headers (`max_head_bytes`); over it: 431.
+    pub max_head_bytes: usize,
+    /// Largest `/events` body (`max_body_bytes`); over it: 413.
+    pub max_body_bytes: usize,
+    /// Time a client has to send a complete HTTP request head (`http_head_timeout`, s).
+    pub http_head_timeout: Duration,
+    /// Time an idle keep-alive HTTP connection is kept open (`http_idle_timeout`, s).
+    pub http_idle_timeout: Duration,
+    /// Largest inbound websocket message and frame (`max_message_bytes`); over it the
+    /// connection is closed with 1009.
+    pub max_message_bytes: usize,
+    /// Most libraries one websocket may subscribe to (`max_repos_per_connection`).
+    pub max_repos_per_connection: usize,
+    /// Most output bytes one connection may have queued and unsent (`max_unsent_bytes`);
+    /// a client that falls further behind is closed (slow consumer).
+    pub max_unsent_bytes: usize,
+    /// Output that stays unsent for this long closes the connection (`write_timeout`, s).
+    pub write_timeout: Duration,
+    /// Time given to the peer to answer our Close frame (`close_timeout`, s).
+    pub close_timeout: Duration,
+    /// Most inbound websocket messages handled per connection per wake-up
+    /// (`max_messages_per_wakeup`), so one chatty client cannot starve the others.
+    pub max_messages_per_wakeup: usize,
+    /// Initial per-connection websocket read buffer (`ws_read_buffer_bytes`). Small, since
+    /// clients send little; it grows for a larger message and is the main per-idle-
+    /// connection cost after the socket itself.
+    pub ws_read_buffer_bytes: usize,
+    /// Time a shutdown (SIGTERM/SIGINT) may take to drain before the process exits
+    /// (`shutdown_timeout`, s).
+    pub shutdown_timeout: Duration,
+}
+
+impl fmt::Debug for Config {
+    // Hand-written so that the key can never reach a log line through `{:?}`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("log_level", &self.log_level)
+            .field("jwt_private_key", &"<redacted>")
+            .field("ping_interval", &self.ping_interval)
+            .field("pong_timeout", &self.pong_timeout)
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: "0.0.0.0".into(),
+            port: 8083,
+            log_level: log::LevelFilter::Info,
+            jwt_private_key: Vec::new(),
+            ping_interval: Duration::from_secs(1),
+            pong_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
+            max_head_bytes: 8 * 1024,
+            max_body_bytes: 64 * 1024,
+            http_head_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(60),
+            max_message_bytes: 256 * 1024,
+            max_repos_per_connection: 1000,
+            max_unsent_bytes: 256 * 1024,
+            write_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(2),
+            max_messages_per_wakeup: 64,
+            ws_read_buffer_bytes: 256,
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A configuration error: one line naming where, which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The section of seafile.conf this server reads.
+pub const SECTION: &str = "notification";
+
+/// How a key's value is parsed.
+enum Kind {
+    Text,
+    Port,
+    Level,
+    Key,
+    Seconds,
+    /// A count with its smallest allowed value.
+    Count(usize),
+}
+
+/// Every key, in README order: (file key, environment variable, kind).
+const KEYS: &[(&str, &str, Kind)] = &[
+    ("host", "NOTIFICATION_SERVER_HOST", Kind::Text),
+    ("port", "NOTIFICATION_SERVER_PORT", Kind::Port),
+    ("log_level", "NOTIFICATION_SERVER_LOG_LEVEL", Kind::Level),
+    ("jwt_private_key", "JWT_PRIVATE_KEY", Kind::Key),
+    ("ping_interval", "NOTIFICATION_SERVER_PING_INTERVAL", Kind::Seconds),
+    ("pong_timeout", "NOTIFICATION_SERVER_PONG_TIMEOUT", Kind::Seconds),
+    ("max_connections", "NOTIFICATION_SERVER_MAX_CONNECTIONS", Kind::Count(1)),
+    ("max_head_bytes", "NOTIFICATION_SERVER_MAX_HEAD_BYTES", Kind::Count(256)),
+    ("max_body_bytes", "NOTIFICATION_SERVER_MAX_BODY_BYTES", Kind::Count(64)),
+    ("http_head_timeout", "NOTIFICATION_SERVER_HTTP_HEAD_TIMEOUT", Kind::Seconds),
+    ("http_idle_timeout", "NOTIFICATION_SERVER_HTTP_IDLE_TIMEOUT", Kind::Seconds),
+    ("max_message_bytes", "NOTIFICATION_SERVER_MAX_MESSAGE_BYTES", Kind::Count(128)),
+    ("max_repos_per_connection", "NOTIFICATION_SERVER_MAX_REPOS_PER_CONNECTION", Kind::Count(1)),
+    ("max_unsent_bytes", "NOTIFICATION_SERVER_MAX_UNSENT_BYTES", Kind::Count(1024)),
+    ("write_timeout", "NOTIFICATION_SERVER_WRITE_TIMEOUT", Kind::Seconds),
+    ("close_timeout", "NOTIFICATION_SERVER_CLOSE_TIMEOUT", Kind::Seconds),
+    ("max_messages_per_wakeup", "NOTIFICATION_SERVER_MAX_MESSAGES_PER_WAKEUP", Kind::Count(1)),
+    ("ws_read_buffer_bytes", "NOTIFICATION_SERVER_WS_READ_BUFFER_BYTES", Kind::Count(16)),
+    ("shutdown_timeout", "NOTIFICATION_SERVER_SHUTDOWN_TIMEOUT", Kind::Seconds),
+];
+
+/// Every `[notification]` key this server understands, with its environment variable.
+pub fn keys() -> impl Iterator<Item = (&'static str, &'static str)> {
+    KEYS.iter().map(|(k, e, _)| (*k, *e))
+}
+
+impl Config {
+    /// Builds the configuration from the text of seafile.conf (if there is one; `file_name`
+    /// is used in messages) and an environment lookup.
+    pub fn load(
+        file: Option<(&str, &str)>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        let section = match file {
+            Some((name, text)) => Some((name, parse_section(name, text)?)),
+            None => None,
+        };
+        for (key, var, kind) in KEYS {
+            let from_env = env(var).filter(|v| !v.is_empty());
+            let (source, value) = match (from_env, &section) {
+                (Some(v), _) => (format!("environment variable {var}"), v),
+                (None, Some((name, entries))) => match lookup(entries, key) {
+                    Some(v) => (format!("{name} [{SECTION}] {key}"), v.to_string()),
+                    None => continue,
+                },
+                (None, None) => continue,
+            };
+            config.set(key, kind, &value).map_err(|reason| ConfigError(format!("{source}: {reason}")))?;
+        }
+        config.validate(file.map(|(name, _)| name))?;
+        Ok(config)
+    }
+
+    fn set(&mut self, key: &str, kind: &Kind, value: &str) -> Result<(), String> {
+        match kind {
+            Kind::Text => {
+                if value.is_empty() {
+                    return Err("must not be empty".into());
+                }
+                self.host = value.to_string();
+            }
+            Kind::Port => {
+                self.port = value
+                    .parse::<u16>()
+                    .map_err(|_| format!("{value:?} is not a port number (0-65535)"))?;
+            }
+            Kind::Level => self.log_level = parse_level(value)?,
+            Kind::Key => self.jwt_private_key = value.as_bytes().to_vec(),
+            Kind::Seconds => {
+                let d = parse_seconds(value)?;
+                match key {
+                    "ping_interval" => self.ping_interval = d,
+                    "pong_timeout" => self.pong_timeout = d,
+                    "http_head_timeout" => self.http_head_timeout = d,
+                    "http_idle_timeout" => self.http_idle_timeout = d,
+                    "write_timeout" => self.write_timeout = d,
+                    "close_timeout" => self.close_timeout = d,
+                    "shutdown_timeout" => self.shutdown_timeout = d,
+                    _ => return Err("internal: unknown duration key".into()),
+                }
+            }
+            Kind::Count(min) => {
+                let n = value
+                    .parse::<usize>()
+                    .map_err(|_| format!("{value:?} is not a whole number"))?;
+                if n < *min {
+                    return Err(format!("{n} is below the minimum of {min}"));
+                }
+                match key {
+                    "max_connections" => self.max_connections = n,
+                    "max_head_bytes" => self.max_head_bytes = n,
+                    "max_body_bytes" => self.max_body_bytes = n,
+                    "max_message_bytes" => self.max_message_bytes = n,
+                    "max_repos_per_connection" => self.max_repos_per_connection = n,
+                    "max_unsent_bytes" => self.max_unsent_bytes = n,
+                    "max_messages_per_wakeup" => self.max_messages_per_wakeup = n,
+                    "ws_read_buffer_bytes" => self.ws_read_buffer_bytes = n,
+                    _ => return Err("internal: unknown count key".into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the rules that tie keys together.
+    fn validate(&self, file: Option<&str>) -> Result<(), ConfigError> {
+        if self.jwt_private_key.is_empty() {
+            let hint = match file {
+                Some(name) => format!("set [{SECTION}] jwt_private_key in {name} or the JWT_PRIVATE_KEY environment variable"),
+                None => "no seafile.conf found; set the JWT_PRIVATE_KEY environment variable".to_string(),
+            };
+            return Err(ConfigError(format!("jwt_private_key: missing: {hint}")));
+        }
+        if self.pong_timeout <= self.ping_interval {
+            return Err(ConfigError(format!(
+                "pong_timeout: {:?} must be longer than ping_interval ({:?}), or every client would time out",
+                self.pong_timeout, self.ping_interval
+            )));
+        }
+        // An event is one frame of at most its body plus a small envelope; a client must be
+        // able to hold at least one, or every subscriber would be evicted by one big event.
+        let largest_frame = self.max_body_bytes + 64;
+        if self.max_unsent_bytes < largest_frame {
+            return Err(ConfigError(format!(
+                "max_unsent_bytes: {} must be at least max_body_bytes + 64 ({largest_frame}), so one event always fits",
+                self.max_unsent_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The address to bind, as `host:port` (IPv6 literals get brackets).
+    pub fn listen_address(&self) -> String {
+        if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Parses the INI text and returns the `[notification]` entries in file order.
+///
+/// Quotes and backslashes are kept as they are and `#` / `;` inside a value are part of it:
+/// seaf-server reads the same file with GLib's key-file parser, which does neither, and the
+/// key must be byte-identical on both sides.
+fn parse_section(name: &str, text: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let options = ini::ParseOption {
+        enabled_quote: false,
+        enabled_escape: false,
+        ..Default::default()
+    };
+    let ini = ini::Ini::load_from_str_opt(text, options)
+        .map_err(|e| ConfigError(format!("{name}: cannot parse: {e}")))?;
+    Ok(ini
+        .section(Some(SECTION))
+        .map(|props| props.iter().map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect())
+        .unwrap_or_default())
+}
+
+fn lookup<'a>(entries: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    // The last occurrence wins, as in GLib's parser.
+    entries.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+/// Parses a level name as the official server (logrus) does, case-insensitively.
+pub fn parse_level(value: &str) -> Result<log::LevelFilter, String> {
+    use log::LevelFilter::*;
+    Ok(match value.to_ascii_lowercase().as_str() {
+        "trace" => Trace,
+        "debug" => Debug,
+        "info" => Info,
+        "warn" | "warning" => Warn,
+        "error" | "fatal" | "panic" => Error,
+        _ => {
+            return Err(format!(
+                "{value:?} is not a log level (trace, debug, info, warn, error)"
+            ));
+        }
+    })
+}
+
+/// Parses a positive number of seconds, fractions allowed (`0.5`), at most one day.
+fn parse_seconds(value: &str) -> Result<Duration, String> {
+    let secs: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of seconds"))?;
+    if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!("{value:?} must be more than 0 and at most 86400 seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::load(Some(("/c/seafile.conf", text)), &no_env)
+    }
+
+    #[test]
+    fn defaults_with_only_a_key() {
+        let c = load("[notification]\njwt_private_key = k\n").unwrap();
+        assert_eq!(c.host, "0.0.0.0");
+        assert_eq!(c.port, 8083);
+        assert_eq!(c.log_level, log::LevelFilter::Info);
+        assert_eq!(c.jwt_private_key, b"k");
+        assert_eq!(c.ping_interval, Duration::from_secs(1));
+        assert_eq!(c.pong_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn values_keep_comment_characters_quotes_and_backslashes() {
+        let c = load("[notification]\njwt_private_key = a#b;c \"d\" e\\f\n").unwrap();
+        assert_eq!(c.jwt_private_key, b"a#b;c \"d\" e\\f");
+    }
+
+    #[test]
+    fn environment_overrides_file_and_empty_counts_as_unset() {
+        let env = |k: &str| match k {
+            "JWT_PRIVATE_KEY" => Some("envkey".to_string()),
+            "NOTIFICATION_SERVER_PORT" => Some("9000".to_string()),
+            "NOTIFICATION_SERVER_HOST" => Some(String::new()),
+            _ => None,
+        };
+        let text = "[notification]\nhost = 127.0.0.1\nport = 1\njwt_private_key = filekey\n";
+        let c = Config::load(Some(("f", text)), &env).unwrap();
+        assert_eq!(c.jwt_private_key, b"envkey");
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.host, "127.0.0.1");
+    }
+
+    #[test]
+    fn environment_alone_is_enough() {
+        let env = |k: &str| (k == "JWT_PRIVATE_KEY").then(|| "k".to_string());
+        assert!(Config::load(None, &env).is_ok());
+    }
+
+    #[test]
+    fn errors_name_source_key_and_reason() {
+        let e = load("[notification]\njwt_private_key=k\nport = eighty\n").unwrap_err();
+        assert_eq!(e.0, "/c/seafile.conf [notification] port: \"eighty\" is not a port number (0-65535)");
+        let e = load("[notification]\njwt_private_key=k\nlog_level = loud\n").unwrap_err();
+        assert!(e.0.starts_with("/c/seafile.conf [notification] log_level: \"loud\""), "{e}");
+        let e = load("[notification]\nport = 1\n").unwrap_err();
+        assert!(e.0.starts_with("jwt_private_key: missing: set [notification] jwt_private_key in /c/seafile.conf"), "{e}");
+        let e = load("[notification]\njwt_private_key=k\nping_interval = 0\n").unwrap_err();
+        assert!(e.0.contains("ping_interval"), "{e}");
+        let e = load("[notification]\njwt_private_key=k\nmax_connections = -1\n").unwrap_err();
+        assert!(e.0.contains("max_connections: \"-1\" is not a whole number"), "{e}");
+        let env = |k: &str| (k == "NOTIFICATION_SERVER_PORT").then(|| "x".to_string());
+        let e = Config::load(Some(("f", "[notification]\njwt_private_key=k\n")), &env).unwrap_err();
+        assert!(e.0.starts_with("environment variable NOTIFICATION_SERVER_PORT: "), "{e}");
+    }
+
+    #[test]
+    fn cross_key_rules() {
+        let e = load("[notification]\njwt_private_key=k\nping_interval=5\npong_timeout=5\n").unwrap_err();
+        assert!(e.0.starts_with("pong_timeout:"), "{e}");
+        let e = load("[notification]\njwt_private_key=k\nmax_body_bytes=5000\nmax_unsent_bytes=4000\n").unwrap_err();
+        assert!(e.0.starts_with("max_unsent_bytes:"), "{e}");
+    }
+
+    #[test]
+    fn levels_and_seconds() {
+        assert_eq!(parse_level("WARNING").unwrap(), log::LevelFilter::Warn);
+        assert_eq!(parse_level("fatal").unwrap(), log::LevelFilter::Error);
+        assert_eq!(parse_seconds("0.25").unwrap(), Duration::from_millis(250));
+        assert!(parse_seconds("nan").is_err());
+        assert!(parse_seconds("-1").is_err());
+    }
+
+    #[test]
+    fn other_sections_and_unknown_keys_are_ignored() {
+        let c = load("[database]\nport = x\n[notification]\njwt_private_key=k\nenabled = true\n").unwrap();
+        assert_eq!(c.port, 8083);
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let c = load("[notification]\njwt_private_key = s3cret\n").unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn ipv6_listen_address() {
+        let mut c = load("[notification]\njwt_private_key = k\nhost = ::1\n").unwrap();
+        assert_eq!(c.listen_address(), "[::1]:8083");
+        c.host = "127.0.0.1".into();
+        assert_eq!(c.listen_address(), "127.0.0.1:8083");
+    }
+}

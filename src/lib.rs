@@ -1,0 +1,28 @@
+//! A drop-in replacement for Seafile's notification server.
+//!
+//! seaf-server, the Go fileserver and seahub POST events to `/events`; desktop clients,
+//! SeaDrive and the web UI hold a websocket each and subscribe per library; every event
+//! is pushed at once to the subscribers it concerns. One thread runs everything on a mio
+//! reactor. The modules, from the outside in:
+//!
+//! - [`config`]: every setting, its default, seafile.conf and environment, validation;
+//! - [`logging`]: the official log line format, log file, SIGUSR1 reopen;
+//! - [`server`]: the reactor: accept, dispatch, fan-out, timers, flush, teardown;
+//! - [`conn`]: one connection's state machine (HTTP, then maybe websocket) and its I/O;
+//! - [`http`]: pure HTTP/1.1 heads, routes and responses;
+//! - [`ws`]: upgrade checks, tungstenite settings, client messages;
+//! - [`event`]: `/events` bodies, audiences and the shared outbound frame;
+//! - [`auth`]: event and client token verification against an injected clock;
+//! - [`subs`]: the two-way subscription index;
+//! - [`lenient`]: Go-compatible lenient JSON object access.
+
+pub mod auth;
+pub mod config;
+pub mod conn;
+pub mod event;
+pub mod http;
+pub mod lenient;
+pub mod logging;
+pub mod server;
+pub mod subs;
+pub mod ws;

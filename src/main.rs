@@ -1,0 +1,182 @@
+//! `notification-server`: command line, configuration, logging, bind, run, exit code.
+
+use notification_server::config::Config;
+use notification_server::logging::{self, Target};
+use notification_server::server::Server;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+Usage: notification-server -c CONFIG_DIR [-l LOG_FILE] [--check-config]
+
+Seafile notification server (drop-in replacement for the official one).
+
+Options:
+  -c DIR          Seafile's central config directory; DIR/seafile.conf [notification]
+                  is read when present. Required, and it must exist.
+  -l FILE         Log file (default DIR/notification-server.log); '-' logs to stderr.
+                  SEAFILE_LOG_TO_STDOUT=true logs to stdout instead.
+  --check-config  Validate the configuration, print the result and exit.
+  -h, --help      Show this help.
+  -V, --version   Show the version.
+
+Environment (overrides seafile.conf): JWT_PRIVATE_KEY, NOTIFICATION_SERVER_HOST,
+NOTIFICATION_SERVER_PORT, NOTIFICATION_SERVER_LOG_LEVEL, SEAFILE_LOG_TO_STDOUT, and
+NOTIFICATION_SERVER_<KEY> for every other [notification] key (see README).
+";
+
+/// Listen backlog: std uses 128, too few for thousands of clients reconnecting at once
+/// after a restart (the kernel caps it at net.core.somaxconn).
+const LISTEN_BACKLOG: i32 = 4096;
+
+struct Args {
+    config_dir: PathBuf,
+    log_file: Option<String>,
+    check_only: bool,
+}
+
+/// Parses flags the way Go's `flag` package accepts them: `-c DIR`, `-c=DIR`, `--c DIR`.
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    let mut config_dir = None;
+    let mut log_file = None;
+    let mut check_only = false;
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with('-') => (n.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let name = name.strip_prefix("--").map(|n| format!("-{n}")).unwrap_or(name);
+        let mut value = |flag: &str| match inline.clone().or_else(|| args.next()) {
+            Some(v) => Ok(v),
+            None => Err(format!("flag needs an argument: {flag}")),
+        };
+        match name.as_str() {
+            "-h" | "-help" => {
+                print!("{USAGE}");
+                return Ok(None);
+            }
+            "-V" | "-version" => {
+                println!("notification-server {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            "-c" => config_dir = Some(PathBuf::from(value("-c")?)),
+            "-l" => log_file = Some(value("-l")?),
+            "-check-config" => check_only = true,
+            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    let config_dir = config_dir.ok_or_else(|| format!("config directory must be specified with -c\n\n{USAGE}"))?;
+    Ok(Some(Args { config_dir, log_file, check_only }))
+}
+
+/// Reads `DIR/seafile.conf` if it exists and builds the configuration.
+fn load_config(dir: &Path) -> Result<Config, String> {
+    if !dir.is_dir() {
+        return Err(format!("config directory {} doesn't exist", dir.display()));
+    }
+    let path = dir.join("seafile.conf");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
+    };
+    let name = path.display().to_string();
+    let file = text.as_deref().map(|t| (name.as_str(), t));
+    Config::load(file, &|k| std::env::var(k).ok()).map_err(|e| e.to_string())
+}
+
+fn log_target(args: &Args) -> Result<Target, String> {
+    if std::env::var("SEAFILE_LOG_TO_STDOUT").is_ok_and(|v| v == "true") {
+        return Ok(Target::Stdout);
+    }
+    match args.log_file.as_deref() {
+        Some("-") => Ok(Target::Stderr),
+        Some(file) => std::path::absolute(file)
+            .map(Target::File)
+            .map_err(|e| format!("log file {file}: {e}")),
+        None => Ok(Target::File(args.config_dir.join("notification-server.log"))),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("notification-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match load_config(&args.config_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("notification-server: config error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check_only {
+        println!("configuration OK: would listen on {}", config.listen_address());
+        return ExitCode::SUCCESS;
+    }
+    let target = match log_target(&args) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("notification-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Bind before the log file takes over stderr, so a busy port is reported where the
+    // admin is looking.
+    let listener = match std::net::TcpListener::bind(config.listen_address()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("notification-server: cannot listen on {}: {e}", config.listen_address());
+            return ExitCode::FAILURE;
+        }
+    };
+    // SAFETY: listen() on a socket we own; a second call only changes the backlog.
+    unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) };
+    if let Err(e) = logging::init(&target, config.log_level) {
+        eprintln!("notification-server: {e}");
+        return ExitCode::FAILURE;
+    }
+    let server = match Server::new(config, listener) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    log::info!("notification server started, listening on {}", server.local_addr());
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("event loop failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<Args>, String> {
+        parse_args(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn go_flag_spellings() {
+        for args in [&["-c", "/d", "-l", "x"][..], &["-c=/d", "-l=x"], &["--c", "/d", "--l=x"]] {
+            let a = parse(args).unwrap().unwrap();
+            assert_eq!(a.config_dir, PathBuf::from("/d"));
+            assert_eq!(a.log_file.as_deref(), Some("x"));
+        }
+        assert!(parse(&["-l", "x"]).is_err());
+        assert!(parse(&["-c"]).is_err());
+        assert!(parse(&["-c", "/d", "--bogus"]).is_err());
+        assert!(parse(&["-c", "/d", "--check-config"]).unwrap().unwrap().check_only);
+    }
+}

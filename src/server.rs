@@ -1,0 +1,628 @@
+//! The reactor: one thread, one mio `Poll` (edge-triggered epoll), a `Slab` of
+//! connections keyed by their mio `Token`, the subscription index, the timers, fan-out,
+//! and the only teardown. It is the one module that sees more than one connection.
+//!
+//! One loop turn:
+//! 1. `poll` for readiness (the timeout is the next timer tick, or zero when a connection
+//!    still has unread input from a capped turn);
+//! 2. accept, read, answer HTTP, read websocket messages; an accepted `/events` body has
+//!    its 200 written *before* its fan-out, which only queues the event's one shared frame
+//!    into each subscriber and puts the subscriber on the dirty list;
+//! 3. on a timer tick, sweep every connection: HTTP deadlines, pong timeouts, slow
+//!    consumers, expired tokens, keep-alive pings;
+//! 4. flush every dirty connection once;
+//! 5. tear down the connections doomed during the turn. Closing only here means a slab
+//!    key is never reused while something later in the same turn still refers to it.
+//!
+//! Readiness registration: every connection is registered READABLE only, and WRITABLE is
+//! added just while its output is stuck (flush returned `WouldBlock`) and removed once it
+//! drains. Staying registered for WRITABLE would cost an epoll wake-up per connection every
+//! time an ACK frees send-buffer space, i.e. after every ping; re-registering is one
+//! `epoll_ctl` in the rare stuck case, and `EPOLL_CTL_MOD` reports a socket that is
+//! already writable, so no edge is lost.
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::conn::{Ctx, HttpConn, HttpStep, HttpTally, Millis, Reason, Sent, WsConn, WsRead, ms};
+use crate::event::{self, Audience, Event};
+use crate::subs::Subs;
+use crate::ws::ClientMsg;
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tungstenite::protocol::frame::coding::CloseCode;
+
+const LISTENER: Token = Token(usize::MAX);
+const SIGNALS: Token = Token(usize::MAX - 1);
+
+/// Readiness events taken per `poll` call.
+const EVENTS_PER_POLL: usize = 1024;
+
+/// A connection in the slab.
+pub enum Conn {
+    Http(HttpConn),
+    Ws(Box<WsConn>),
+    /// Only while an HTTP connection is being turned into a websocket.
+    Upgrading,
+}
+
+/// Why accepting is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AcceptPause {
+    /// At `max_connections`: resumes as soon as one closes.
+    AtCapacity,
+    /// Out of file descriptors (EMFILE/ENFILE): retried on each timer tick.
+    NoDescriptors,
+}
+
+/// Counters, kept cheap (plain integers on the loop thread).
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub accepted: u64,
+    pub http_requests: u64,
+    pub events: u64,
+    pub deliveries: u64,
+    pub event_token_rejections: u64,
+    pub client_token_rejections: u64,
+    pub group_events_dropped: u64,
+    pub evictions: u64,
+}
+
+/// The server. Build it with an already-bound listener (so tests can bind port 0), then
+/// [`Server::run`] it.
+pub struct Server {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    conns: Slab<Conn>,
+    subs: Subs,
+    config: Config,
+    verifier: Verifier,
+    start: Instant,
+    /// Connections with queued output, flushed once at the end of the turn.
+    dirty: Vec<usize>,
+    /// Connections to tear down at the end of the turn.
+    doomed: Vec<(usize, Reason)>,
+    /// Websockets that stopped reading at `max_messages_per_wakeup` and still have input.
+    unread: Vec<usize>,
+    /// Events accepted during the current HTTP read, delivered right after their 200.
+    events: Vec<Event>,
+    accept_pause: Option<AcceptPause>,
+    signals: Signals,
+    /// Set while draining for shutdown: the time by which the process exits anyway.
+    drain_deadline: Option<Millis>,
+    /// How often the sweep runs.
+    tick: Millis,
+    next_tick: Millis,
+    pub stats: Stats,
+}
+
+impl Server {
+    /// Prepares the reactor around a bound listener.
+    pub fn new(config: Config, listener: std::net::TcpListener) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let mut listener = TcpListener::from_std(listener);
+        let poll = Poll::new()?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        // Ticks fine enough for the shortest timer: a quarter of the ping interval, at
+        // most 250 ms, which also bounds how late a token expiry is noticed.
+        let tick = (ms(config.ping_interval) / 4).clamp(10, 250);
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            local_addr,
+            conns: Slab::with_capacity(64),
+            subs: Subs::default(),
+            verifier: Verifier::new(&config.jwt_private_key),
+            config,
+            start: Instant::now(),
+            dirty: Vec::new(),
+            doomed: Vec::new(),
+            unread: Vec::new(),
+            events: Vec::new(),
+            accept_pause: None,
+            signals,
+            drain_deadline: None,
+            tick,
+            next_tick: tick,
+            stats: Stats::default(),
+        })
+    }
+
+    /// The address actually listened on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    fn now(&self) -> Millis {
+        self.start.elapsed().as_millis() as Millis
+    }
+
+    fn unix_now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+
+    /// Runs until a shutdown signal has drained the connections (or its deadline passed),
+    /// or a second signal arrived.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS_PER_POLL);
+        loop {
+            let now = self.now();
+            let timeout = if self.unread.is_empty() {
+                Duration::from_millis(self.next_tick.saturating_sub(now).max(1))
+            } else {
+                Duration::ZERO
+            };
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let now = self.now();
+            let unix_now = Self::unix_now();
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(now),
+                    SIGNALS => {
+                        if self.on_signals(now) {
+                            return Ok(());
+                        }
+                    }
+                    Token(key) => self.on_ready(key, ev.is_readable() || ev.is_read_closed() || ev.is_error(), ev.is_writable(), now, unix_now),
+                }
+            }
+            for key in std::mem::take(&mut self.unread) {
+                self.read_ws(key, now, unix_now);
+            }
+            if now >= self.next_tick {
+                self.sweep(now, unix_now);
+                self.next_tick = now + self.tick;
+            }
+            self.flush_dirty(now);
+            self.teardown();
+            if self.accept_pause == Some(AcceptPause::AtCapacity) && self.conns.len() < self.config.max_connections {
+                self.accept_pause = None;
+                self.accept(now);
+                self.flush_dirty(now);
+                self.teardown();
+            }
+            if let Some(deadline) = self.drain_deadline {
+                if self.conns.is_empty() {
+                    log::info!("shutdown complete: every connection closed");
+                    return Ok(());
+                }
+                if now >= deadline {
+                    log::warn!("shutdown deadline reached; closing {} remaining connection(s)", self.conns.len());
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Accepts until the backlog is empty, the connection cap is reached or descriptors
+    /// run out.
+    fn accept(&mut self, now: Millis) {
+        if self.accept_pause.is_some() {
+            return;
+        }
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
+        loop {
+            if self.conns.len() >= self.config.max_connections {
+                log::warn!("at max_connections ({}): not accepting until a connection closes", self.config.max_connections);
+                self.accept_pause = Some(AcceptPause::AtCapacity);
+                return;
+            }
+            match listener.accept() {
+                Ok((mut stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let key = entry.key();
+                    if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE) {
+                        log::warn!("cannot register connection from {peer}: {e}");
+                        continue;
+                    }
+                    entry.insert(Conn::Http(HttpConn::new(stream, peer, now, &self.config)));
+                    self.stats.accepted += 1;
+                    log::debug!("connection {key} from {peer} accepted");
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                    log::warn!(
+                        "cannot accept: {e}; pausing accept until descriptors free up (raise LimitNOFILE or lower max_connections)"
+                    );
+                    self.accept_pause = Some(AcceptPause::NoDescriptors);
+                    return;
+                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Returns true when the process must exit now.
+    fn on_signals(&mut self, now: Millis) -> bool {
+        let pending: Vec<i32> = self.signals.pending().collect();
+        for signal in pending {
+            match signal {
+                SIGUSR1 => match crate::logging::reopen() {
+                    Ok(()) => log::info!("log file reopened"),
+                    Err(e) => log::error!("{e}"),
+                },
+                SIGTERM | SIGINT if self.drain_deadline.is_some() => {
+                    log::warn!("second shutdown signal: exiting now");
+                    return true;
+                }
+                SIGTERM | SIGINT => self.begin_drain(now),
+                _ => {}
+            }
+        }
+        false
+    }
+
+    /// Stops accepting, sends Close 1001 to every websocket, closes idle HTTP
+    /// connections and lets busy ones finish, all within `shutdown_timeout`.
+    fn begin_drain(&mut self, now: Millis) {
+        log::info!("shutting down: draining {} connection(s)", self.conns.len());
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.drain_deadline = Some(now + ms(self.config.shutdown_timeout));
+        let close_by = now + ms(self.config.close_timeout).min(ms(self.config.shutdown_timeout));
+        for (key, conn) in self.conns.iter_mut() {
+            match conn {
+                Conn::Ws(w) => {
+                    w.start_close(CloseCode::Away, "server shutting down", close_by);
+                    if !w.dirty {
+                        w.dirty = true;
+                        self.dirty.push(key);
+                    }
+                }
+                Conn::Http(h) if h.is_idle() => self.doomed.push((key, Reason::Shutdown)),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_ready(&mut self, key: usize, readable: bool, writable: bool, now: Millis, unix_now: i64) {
+        match self.conns.get_mut(key) {
+            Some(Conn::Http(_)) => self.serve_http(key, now, unix_now),
+            Some(Conn::Ws(w)) => {
+                if writable && w.wants_write {
+                    self.flush_one(key, now);
+                }
+                if readable {
+                    self.read_ws(key, now, unix_now);
+                }
+            }
+            Some(Conn::Upgrading) | None => {}
+        }
+    }
+
+    fn serve_http(&mut self, key: usize, now: Millis, unix_now: i64) {
+        let mut tally = HttpTally::default();
+        let mut events = std::mem::take(&mut self.events);
+        let step = {
+            let ctx = Ctx { config: &self.config, verifier: &self.verifier, unix_now, now, draining: self.drain_deadline.is_some() };
+            let Some(Conn::Http(h)) = self.conns.get_mut(key) else {
+                return;
+            };
+            h.on_ready(&ctx, &mut events, &mut tally)
+        };
+        self.stats.http_requests += tally.requests;
+        self.stats.event_token_rejections += tally.token_rejections;
+        // The 200s are written (or queued behind a full socket); now the fan-out.
+        for ev in events.drain(..) {
+            self.deliver(&ev, now);
+        }
+        self.events = events;
+        match step {
+            HttpStep::Wait { wants_write } => self.set_writable(key, wants_write),
+            HttpStep::Close(reason) => self.doomed.push((key, reason)),
+            HttpStep::Upgrade => self.upgrade(key, now, unix_now),
+        }
+    }
+
+    fn upgrade(&mut self, key: usize, now: Millis, unix_now: i64) {
+        let Some(slot) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Conn::Http(h) = std::mem::replace(slot, Conn::Upgrading) else {
+            return;
+        };
+        let mut ws = h.into_ws(now, &self.config);
+        log::debug!("connection {key} from {} is a websocket", ws.client_addr());
+        if ws.wants_write {
+            ws.wants_write = false;
+        }
+        *slot = Conn::Ws(Box::new(ws));
+        self.set_writable(key, false);
+        // Bytes may have come with or after the upgrade request; their edge is spent.
+        self.read_ws(key, now, unix_now);
+    }
+
+    /// Reads websocket messages up to the per-wake-up budget and acts on them.
+    fn read_ws(&mut self, key: usize, now: Millis, unix_now: i64) {
+        let close_by = now + ms(self.config.close_timeout);
+        for _ in 0..self.config.max_messages_per_wakeup {
+            let Some(Conn::Ws(w)) = self.conns.get_mut(key) else {
+                return;
+            };
+            match w.read_one(now, close_by) {
+                WsRead::Msg(msg) => self.on_client_msg(key, msg, now, unix_now),
+                WsRead::Drained => {
+                    self.mark_dirty(key);
+                    return;
+                }
+                WsRead::Close(reason) => {
+                    self.doomed.push((key, reason));
+                    return;
+                }
+            }
+        }
+        // Budget spent with input possibly left: come back next turn without an edge.
+        self.mark_dirty(key);
+        self.unread.push(key);
+    }
+
+    fn mark_dirty(&mut self, key: usize) {
+        if let Some(Conn::Ws(w)) = self.conns.get_mut(key)
+            && !w.dirty
+        {
+            w.dirty = true;
+            self.dirty.push(key);
+        }
+    }
+
+    fn on_client_msg(&mut self, key: usize, msg: ClientMsg, now: Millis, unix_now: i64) {
+        match msg {
+            ClientMsg::Subscribe(repos) => {
+                for (repo_id, token) in repos {
+                    match self.verifier.verify_client(&token, &repo_id, unix_now) {
+                        Ok(grant) => {
+                            if self.subs.count(key) >= self.config.max_repos_per_connection
+                                && !self.subs.is_subscribed(key, &repo_id)
+                            {
+                                let close_by = now + ms(self.config.close_timeout);
+                                if let Some(Conn::Ws(w)) = self.conns.get_mut(key) {
+                                    log::warn!(
+                                        "websocket {} subscribed to more than max_repos_per_connection ({}) libraries: closing",
+                                        w.client_addr(),
+                                        self.config.max_repos_per_connection
+                                    );
+                                    w.start_close(CloseCode::Policy, "too many subscriptions", close_by);
+                                }
+                                return;
+                            }
+                            self.subs.subscribe(key, &repo_id, &grant.username, grant.exp);
+                            log::debug!("connection {key} subscribed to {repo_id} until {}", grant.exp);
+                        }
+                        Err(e) => {
+                            self.stats.client_token_rejections += 1;
+                            log::debug!("connection {key}: token for {repo_id} refused ({})", e.label());
+                            self.send(key, event::jwt_expired(&repo_id), now);
+                        }
+                    }
+                }
+            }
+            ClientMsg::Unsubscribe(repos) => {
+                for repo_id in repos {
+                    if self.subs.unsubscribe(key, &repo_id) {
+                        log::debug!("connection {key} unsubscribed from {repo_id}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues one message on one websocket, dooming it if it cannot take more.
+    fn send(&mut self, key: usize, msg: tungstenite::Utf8Bytes, now: Millis) {
+        let Some(Conn::Ws(w)) = self.conns.get_mut(key) else {
+            return;
+        };
+        match w.send(msg, now) {
+            Sent::Queued { newly_dirty: true } => self.dirty.push(key),
+            Sent::Queued { newly_dirty: false } => {}
+            Sent::Evict(reason) => self.doomed.push((key, reason)),
+        }
+    }
+
+    /// Fan-out: the event's one frame goes into every subscriber in its audience.
+    pub fn deliver(&mut self, ev: &Event, now: Millis) {
+        self.stats.events += 1;
+        let user = match &ev.audience {
+            Audience::All => None,
+            Audience::User(u) => Some(u.as_str()),
+            Audience::Group(g) => {
+                // Never broadcast: that would apply one group's permission to everyone.
+                if !self.subs.members(&ev.repo_id).is_empty() {
+                    self.stats.group_events_dropped += 1;
+                    log::warn!(
+                        "dropped group-scoped {} event for repo {} (group {g}): group membership lookups are not available",
+                        ev.kind.name(),
+                        ev.repo_id
+                    );
+                }
+                return;
+            }
+        };
+        let Server { subs, conns, dirty, doomed, stats, .. } = self;
+        for m in subs.members(&ev.repo_id) {
+            if user.is_some_and(|u| *m.user != *u) {
+                continue;
+            }
+            let Some(Conn::Ws(w)) = conns.get_mut(m.conn) else {
+                continue;
+            };
+            match w.send(ev.frame.clone(), now) {
+                Sent::Queued { newly_dirty } => {
+                    stats.deliveries += 1;
+                    if newly_dirty {
+                        dirty.push(m.conn);
+                    }
+                }
+                Sent::Evict(reason) => doomed.push((m.conn, reason)),
+            }
+        }
+    }
+
+    /// The periodic check of every connection's timers.
+    fn sweep(&mut self, now: Millis, unix_now: i64) {
+        if self.accept_pause == Some(AcceptPause::NoDescriptors) {
+            self.accept_pause = None;
+            self.accept(now);
+        }
+        let ping_interval = ms(self.config.ping_interval);
+        let pong_timeout = ms(self.config.pong_timeout);
+        let write_timeout = ms(self.config.write_timeout);
+        let draining = self.drain_deadline.is_some();
+        let Server { conns, subs, dirty, doomed, .. } = self;
+        for (key, conn) in conns.iter_mut() {
+            match conn {
+                Conn::Http(h) => {
+                    if now >= h.deadline {
+                        doomed.push((key, Reason::HttpTimeout { idle: h.idle }));
+                    } else if draining && h.is_idle() {
+                        doomed.push((key, Reason::Shutdown));
+                    }
+                }
+                Conn::Ws(w) => {
+                    if let Some(deadline) = w.close_deadline {
+                        if now >= deadline {
+                            doomed.push((key, Reason::CloseHandshake));
+                        }
+                        continue;
+                    }
+                    if now.saturating_sub(w.last_heard) >= pong_timeout {
+                        doomed.push((key, Reason::PongTimeout));
+                        continue;
+                    }
+                    if w.unsent_since.is_some_and(|t| now.saturating_sub(t) >= write_timeout) {
+                        doomed.push((key, Reason::SlowConsumerTime));
+                        continue;
+                    }
+                    if subs.has_expired(key, unix_now) {
+                        for repo_id in subs.expire(key, unix_now) {
+                            log::debug!("connection {key}: token for {repo_id} expired");
+                            if !note_sent(w.send(event::jwt_expired(&repo_id), now), key, dirty, doomed) {
+                                break;
+                            }
+                        }
+                    }
+                    if now >= w.next_ping {
+                        // A peer heard from within the interval is alive: skip the ping.
+                        if now.saturating_sub(w.last_heard) >= ping_interval {
+                            note_sent(w.ping(now), key, dirty, doomed);
+                        }
+                        w.next_ping = now + ping_interval;
+                    }
+                }
+                Conn::Upgrading => {}
+            }
+        }
+    }
+
+    fn flush_dirty(&mut self, now: Millis) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &key in &dirty {
+            self.flush_one(key, now);
+        }
+        let mut dirty = dirty;
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        }
+    }
+
+    fn flush_one(&mut self, key: usize, now: Millis) {
+        let Some(Conn::Ws(w)) = self.conns.get_mut(key) else {
+            return;
+        };
+        match w.flush(now) {
+            Ok(true) if w.wants_write => {
+                w.wants_write = false;
+                self.set_writable(key, false);
+            }
+            Ok(true) => {}
+            Ok(false) if !w.wants_write => {
+                w.wants_write = true;
+                self.set_writable(key, true);
+            }
+            Ok(false) => {}
+            Err(reason) => self.doomed.push((key, reason)),
+        }
+    }
+
+    /// Registers or unregisters interest in WRITABLE (see the module doc for why).
+    fn set_writable(&mut self, key: usize, writable: bool) {
+        let interest = if writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+        let registry = self.poll.registry();
+        let result = match self.conns.get_mut(key) {
+            Some(Conn::Http(h)) => registry.reregister(&mut h.stream, Token(key), interest),
+            Some(Conn::Ws(w)) => registry.reregister(w.ws.get_mut(), Token(key), interest),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            self.doomed.push((key, Reason::Io(e.kind())));
+        }
+    }
+
+    /// The only place connections end: unsubscribe, deregister, free the slot, one log line.
+    fn teardown(&mut self) {
+        while let Some((key, reason)) = self.doomed.pop() {
+            let Some(conn) = self.conns.try_remove(key) else {
+                continue;
+            };
+            self.subs.remove_conn(key);
+            let (kind, who) = match conn {
+                Conn::Http(mut h) => {
+                    let _ = self.poll.registry().deregister(&mut h.stream);
+                    ("http", h.peer.to_string())
+                }
+                Conn::Ws(mut w) => {
+                    let _ = self.poll.registry().deregister(w.ws.get_mut());
+                    ("websocket", w.client_addr())
+                }
+                Conn::Upgrading => ("upgrading", String::new()),
+            };
+            if reason.is_warning() {
+                self.stats.evictions += 1;
+                log::warn!("closed {kind} connection {key} from {who}: {reason}");
+            } else {
+                log::debug!("closed {kind} connection {key} from {who}: {reason}");
+            }
+        }
+    }
+}
+
+/// Records what a queued message means for the dirty and doomed lists; false if the
+/// connection is doomed.
+fn note_sent(sent: Sent, key: usize, dirty: &mut Vec<usize>, doomed: &mut Vec<(usize, Reason)>) -> bool {
+    match sent {
+        Sent::Queued { newly_dirty } => {
+            if newly_dirty {
+                dirty.push(key);
+            }
+            true
+        }
+        Sent::Evict(reason) => {
+            doomed.push((key, reason));
+            false
+        }
+    }
+}

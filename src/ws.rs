@@ -1,0 +1,193 @@
+//! The websocket side that is not framing: upgrade validation and the 101 answer, the
+//! tungstenite configuration derived from our limits, and client message parsing
+//! (PROTOCOL.md sections 3.4, 6.2 and 11.3). Pure; framing itself is tungstenite's.
+
+use crate::config::Config;
+use crate::http::{self, Head};
+use crate::lenient::Object;
+use serde_json::value::RawValue;
+use tungstenite::protocol::WebSocketConfig;
+
+/// Checks an upgrade request as gorilla/websocket does, in its order, and returns the
+/// `Sec-WebSocket-Accept` value, or the complete refusal to send.
+pub fn check_upgrade(head: &Head) -> Result<String, Vec<u8>> {
+    let refuse = |status: u16, reason: &str| {
+        let body = format!("{reason}\n");
+        http::plain_with(status, reason, &["Sec-Websocket-Version: 13"], &body, head.keep_alive, false)
+    };
+    if !head.connection_upgrade || !head.upgrade_websocket {
+        return Err(refuse(400, "Bad Request"));
+    }
+    if head.method != "GET" {
+        return Err(refuse(405, "Method Not Allowed"));
+    }
+    if head.ws_version.as_deref() != Some("13") {
+        return Err(refuse(400, "Bad Request"));
+    }
+    match head.ws_key.as_deref() {
+        Some(key) if valid_key(key) => Ok(tungstenite::handshake::derive_accept_key(key.as_bytes())),
+        _ => Err(refuse(400, "Bad Request")),
+    }
+}
+
+/// A `Sec-WebSocket-Key` must be base64 of 16 bytes: 22 base64 characters and `==`.
+fn valid_key(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 24
+        && b[22..] == *b"=="
+        && b[..22].iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+}
+
+/// The 101 answer: no subprotocol, no extensions, whatever the client offered.
+pub fn switching_protocols(accept: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// tungstenite's settings from our limits. Its defaults would allocate 128 KiB per
+/// connection up front and never bound the write buffer.
+///
+/// The write buffer is what a connection has queued and not yet handed to the kernel.
+/// `write_buffer_size` sits just below the cap so that frames are only buffered (and sent
+/// by the loop's one flush per turn), and `max_write_buffer_size` is the cap: a write that
+/// would pass it fails with `WriteBufferFull`, and the server evicts that slow consumer.
+pub fn socket_config(config: &Config) -> WebSocketConfig {
+    let cap = config.max_unsent_bytes.max(2);
+    WebSocketConfig::default()
+        .read_buffer_size(config.ws_read_buffer_bytes)
+        .write_buffer_size(cap - 1)
+        .max_write_buffer_size(cap)
+        .max_message_size(Some(config.max_message_bytes))
+        .max_frame_size(Some(config.max_message_bytes))
+        .accept_unmasked_frames(false)
+}
+
+/// A message from a client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientMsg {
+    /// (repo id, token) pairs; either may be empty when the client left it out.
+    Subscribe(Vec<(String, String)>),
+    /// Repo ids.
+    Unsubscribe(Vec<String>),
+}
+
+/// Parses a text or binary frame's payload. Anything else than the two messages (bad
+/// JSON, unknown type, missing content, wrong shapes) is an error, and closes the socket.
+pub fn parse_client(payload: &[u8]) -> Result<ClientMsg, &'static str> {
+    let text = std::str::from_utf8(payload).map_err(|_| "message is not UTF-8")?;
+    let top = Object::parse(text).map_err(|_| "message is not a JSON object")?;
+    let kind = top.string("type").map_err(|_| "type is not a string")?.unwrap_or_default();
+    let content = top.get("content").ok_or("message has no content")?;
+    // Go decodes `"content": null` into an empty request: a no-op, not an error.
+    let repos: Vec<&RawValue> = if content.get() == "null" {
+        Vec::new()
+    } else {
+        let content = Object::parse(content.get()).map_err(|_| "content is not an object")?;
+        match content.get("repos") {
+            None => Vec::new(),
+            Some(r) => serde_json::from_str::<Option<Vec<&RawValue>>>(r.get())
+                .map_err(|_| "repos is not a list")?
+                .unwrap_or_default(),
+        }
+    };
+    match kind.as_str() {
+        "subscribe" => {
+            let mut out = Vec::with_capacity(repos.len());
+            for raw in repos {
+                let repo = Object::parse(raw.get()).map_err(|_| "a subscribe entry is not an object")?;
+                let id = repo.string("id").map_err(|_| "a repo id is not a string")?;
+                let token = repo.string("jwt_token").map_err(|_| "a jwt_token is not a string")?;
+                out.push((id.unwrap_or_default(), token.unwrap_or_default()));
+            }
+            Ok(ClientMsg::Subscribe(out))
+        }
+        "unsubscribe" => {
+            let mut out = Vec::with_capacity(repos.len());
+            for raw in repos {
+                // Objects as every real client sends, or the plain strings of the
+                // protocol's first draft.
+                let id = match serde_json::from_str::<String>(raw.get()) {
+                    Ok(id) => id,
+                    Err(_) => Object::parse(raw.get())
+                        .map_err(|_| "an unsubscribe entry is neither an object nor a string")?
+                        .string("id")
+                        .map_err(|_| "a repo id is not a string")?
+                        .unwrap_or_default(),
+                };
+                out.push(id);
+            }
+            Ok(ClientMsg::Unsubscribe(out))
+        }
+        _ => Err("unknown message type"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(extra: &str, method: &str) -> Head {
+        let text = format!("{method} /notification HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
+        http::parse_head(text.as_bytes(), 4096, 0).unwrap().unwrap()
+    }
+
+    const GOOD: &str = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+    #[test]
+    fn good_upgrade_gets_the_rfc_accept_key() {
+        assert_eq!(check_upgrade(&head(GOOD, "GET")).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let offered = format!("{GOOD}Sec-WebSocket-Protocol: notification.seafile.com\r\nSec-WebSocket-Extensions: permessage-deflate\r\nOrigin: other\r\n");
+        assert!(check_upgrade(&head(&offered, "GET")).is_ok());
+        let r = String::from_utf8(switching_protocols("abc")).unwrap();
+        assert_eq!(r, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: abc\r\n\r\n");
+    }
+
+    #[test]
+    fn bad_upgrades_get_the_official_answers() {
+        let status = |h: &Head| {
+            let r = String::from_utf8(check_upgrade(h).unwrap_err()).unwrap();
+            assert!(r.contains("\r\nSec-Websocket-Version: 13\r\n"), "{r}");
+            r[9..12].to_string()
+        };
+        assert_eq!(status(&head("", "GET")), "400");
+        assert_eq!(status(&head("Connection: Upgrade\r\n", "GET")), "400");
+        assert_eq!(status(&head(GOOD, "POST")), "405");
+        assert_eq!(status(&head(&GOOD.replace("13", "8"), "GET")), "400");
+        assert_eq!(status(&head(&GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"), "GET")), "400");
+        let no_key = GOOD.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
+        assert_eq!(status(&head(&no_key, "GET")), "400");
+        let r = String::from_utf8(check_upgrade(&head("", "GET")).unwrap_err()).unwrap();
+        assert!(r.ends_with("\r\n\r\nBad Request\n"));
+    }
+
+    #[test]
+    fn client_messages() {
+        let m = parse_client(br#"{"type":"subscribe","content":{"repos":[{"id":"r1","jwt_token":"t1"},{"id":"r2"}]}}"#);
+        assert_eq!(m, Ok(ClientMsg::Subscribe(vec![("r1".into(), "t1".into()), ("r2".into(), String::new())])));
+        let m = parse_client(br#"{"type":"unsubscribe","content":{"repos":[{"id":"r1"},"r2"]}}"#);
+        assert_eq!(m, Ok(ClientMsg::Unsubscribe(vec!["r1".into(), "r2".into()])));
+        let m = parse_client(br#"{"Type":"subscribe","Content":{"Repos":null,"x":1},"y":2}"#);
+        assert_eq!(m, Ok(ClientMsg::Subscribe(vec![])));
+        assert_eq!(parse_client(br#"{"type":"subscribe","content":null}"#), Ok(ClientMsg::Subscribe(vec![])));
+    }
+
+    #[test]
+    fn bad_client_messages() {
+        for bad in [
+            &b"not json"[..],
+            b"\xff",
+            br#"{"type":"ping"}"#,
+            br#"{"type":"ping","content":{}}"#,
+            br#"{"type":"subscribe"}"#,
+            br#"{"type":"subscribe","content":{"repos":["r1"]}}"#,
+            br#"{"type":"subscribe","content":{"repos":{"id":"r"}}}"#,
+            br#"{"type":"subscribe","content":5}"#,
+            br#"{"type":"unsubscribe","content":{"repos":[5]}}"#,
+            br#"[]"#,
+        ] {
+            assert!(parse_client(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}
