@@ -1,0 +1,385 @@
+//! Test harness: starts the real `notification-server` binary on port 0 with a temporary
+//! config dir, and speaks real HTTP and websocket to it. Every wait has a deadline.
+#![allow(dead_code)]
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, WebSocket};
+
+/// The key every test server uses; it has comment characters in it on purpose.
+pub const KEY: &str = "test-key#with;comment=chars";
+
+/// How long any single wait may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh empty temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("ns-test-{}-{n}-{}", std::process::id(), now_nanos()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// Log lines captured from the server's stderr, with a condition variable to wait on.
+#[derive(Default)]
+pub struct Logs {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+impl Logs {
+    /// Waits until a line containing `needle` appears; returns it.
+    pub fn wait_for(&self, needle: &str, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
+                return Some(l.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            lines = self.changed.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub fn contains(&self, needle: &str) -> bool {
+        self.lines.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+}
+
+/// A running server process; killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub logs: Arc<Logs>,
+    pub dir: TempDir,
+}
+
+/// The config file every test server gets, plus `extra` lines in `[notification]`.
+pub fn config_text(extra: &str) -> String {
+    format!("[notification]\nhost = 127.0.0.1\nport = 0\nlog_level = debug\njwt_private_key = {KEY}\n{extra}\n")
+}
+
+impl Server {
+    /// Starts a server with the default test config plus `extra` lines.
+    pub fn start(extra: &str) -> Server {
+        let dir = TempDir::new();
+        std::fs::write(dir.path().join("seafile.conf"), config_text(extra)).unwrap();
+        Server::start_in(dir, &["-l", "-"], &[])
+    }
+
+    /// Starts the binary with `-c dir` plus `args` and `env`, stderr captured, and waits
+    /// for its listening line.
+    pub fn start_in(dir: TempDir, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = binary();
+        cmd.arg("-c").arg(dir.path()).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.env_remove("JWT_PRIVATE_KEY").env_remove("SEAFILE_LOG_TO_STDOUT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start notification-server");
+        let logs = Arc::new(Logs::default());
+        for pipe in [child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>), child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)].into_iter().flatten() {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    logs.lines.lock().unwrap().push(line);
+                    logs.changed.notify_all();
+                }
+            });
+        }
+        let line = logs.wait_for("listening on ", DEADLINE);
+        let Some(line) = line else {
+            let _ = child.kill();
+            panic!("server did not start; output: {:#?}", logs.all());
+        };
+        let addr = line.rsplit("listening on ").next().unwrap().trim().parse().unwrap();
+        Server { child, addr, logs, dir }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for the process to exit; returns its status code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Resident memory of the server process, in KiB.
+    pub fn rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn ws(&self) -> Ws {
+        Ws::connect(self.addr, "/")
+    }
+
+    /// POSTs an event with a valid sender token; asserts the 200.
+    pub fn post(&self, body: &Value) {
+        let r = post_event(self.addr, &body.to_string(), Some(&format!("Token {}", event_token())));
+        assert_eq!(r.status, 200, "event refused: {r:?}");
+    }
+
+    /// Asserts the server still answers /ping.
+    pub fn assert_alive(&self) {
+        let r = request(self.addr, b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert_eq!(r.status, 200);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_notification-server"))
+}
+
+// ---- tokens ----
+
+pub fn sign(claims: &Value) -> String {
+    sign_with(Algorithm::HS256, claims, KEY.as_bytes())
+}
+
+pub fn sign_with(alg: Algorithm, claims: &Value, key: &[u8]) -> String {
+    encode(&Header::new(alg), claims, &EncodingKey::from_secret(key)).unwrap()
+}
+
+/// A seaf-server style sender token.
+pub fn event_token() -> String {
+    sign(&json!({"exp": unix_now() + 300}))
+}
+
+/// A client subscription token.
+pub fn client_token(repo: &str, user: &str, exp: i64) -> String {
+    sign(&json!({"repo_id": repo, "username": user, "exp": exp}))
+}
+
+pub fn repo_update(repo: &str, commit: &str) -> Value {
+    json!({"type": "repo-update", "content": {"repo_id": repo, "commit_id": commit}})
+}
+
+// ---- HTTP ----
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    /// Header lines as sent, without the status line.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Connects with a read timeout of [`DEADLINE`].
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Reads one response (head plus Content-Length body) from a stream.
+pub fn read_response(s: &mut TcpStream, head_only: bool) -> Option<Response> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (status_line, head) = text.split_once("\r\n").unwrap();
+    let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut r = Response { status, head: head.trim_end().to_string(), body: Vec::new() };
+    let len: usize = r.header("content-length").map(|v| v.parse().unwrap()).unwrap_or(0);
+    if !head_only && status != 101 && status != 100 {
+        r.body = vec![0; len];
+        s.read_exact(&mut r.body).ok()?;
+    }
+    Some(r)
+}
+
+/// Sends raw request bytes on a new connection and reads one response.
+pub fn request(addr: SocketAddr, raw: &[u8]) -> Response {
+    let mut s = connect(addr);
+    s.write_all(raw).unwrap();
+    read_response(&mut s, raw.starts_with(b"HEAD ")).expect("no response")
+}
+
+/// Whether the server closed the connection (EOF or reset) within the deadline.
+pub fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+pub fn post_event(addr: SocketAddr, body: &str, authorization: Option<&str>) -> Response {
+    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    let raw = format!(
+        "POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    request(addr, raw.as_bytes())
+}
+
+// ---- websocket ----
+
+pub struct Ws {
+    pub ws: WebSocket<TcpStream>,
+    probes: usize,
+}
+
+impl Ws {
+    pub fn connect(addr: SocketAddr, path: &str) -> Ws {
+        let s = connect(addr);
+        let url = format!("ws://{addr}{path}");
+        let (ws, resp) = tungstenite::client::client(url.as_str(), s).expect("websocket handshake");
+        assert_eq!(resp.status(), 101);
+        Ws { ws, probes: 0 }
+    }
+
+    pub fn send_json(&mut self, v: &Value) {
+        self.ws.send(Message::text(v.to_string())).unwrap();
+    }
+
+    /// Sends one subscribe message for these (repo, token) pairs.
+    pub fn subscribe_many(&mut self, repos: &[(&str, &str)]) {
+        let list: Vec<Value> = repos.iter().map(|(id, t)| json!({"id": id, "jwt_token": t})).collect();
+        self.send_json(&json!({"type": "subscribe", "content": {"repos": list}}));
+    }
+
+    /// Waits until the server has processed everything sent before: it answers a
+    /// subscription with a bad token with `jwt-expired`, in order.
+    pub fn sync(&mut self) {
+        self.probes += 1;
+        let probe = format!("probe-{}", self.probes);
+        self.subscribe_many(&[(&probe, "bad")]);
+        loop {
+            let m = self.recv().expect("no answer to the sync probe");
+            if m["type"] == "jwt-expired" && m["content"]["repo_id"] == probe.as_str() {
+                return;
+            }
+            panic!("unexpected message while syncing: {m}");
+        }
+    }
+
+    /// Subscribes with a valid token for `user` and waits until it is in place.
+    pub fn subscribe(&mut self, repo: &str, user: &str) {
+        let t = client_token(repo, user, unix_now() + 3600);
+        self.subscribe_many(&[(repo, &t)]);
+        self.sync();
+    }
+
+    /// The next text message as JSON, or None on timeout or close. Pings are answered.
+    pub fn recv(&mut self) -> Option<Value> {
+        let text = self.recv_text()?;
+        Some(serde_json::from_str(&text).expect("server sent invalid JSON"))
+    }
+
+    pub fn recv_text(&mut self) -> Option<String> {
+        self.ws.get_mut().set_read_timeout(Some(DEADLINE)).unwrap();
+        let deadline = Instant::now() + DEADLINE;
+        while Instant::now() < deadline {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => return Some(t.to_string()),
+                Ok(Message::Binary(_)) => panic!("server sent a binary frame"),
+                Ok(Message::Close(_)) => return None,
+                Ok(_) => {
+                    let _ = self.ws.flush();
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Waits for the server's Close frame; returns its code, None if the socket ended
+    /// without one or nothing came.
+    pub fn recv_close(&mut self) -> Option<CloseFrame> {
+        let deadline = Instant::now() + DEADLINE;
+        while Instant::now() < deadline {
+            match self.ws.read() {
+                Ok(Message::Close(f)) => return f,
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
