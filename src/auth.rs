@@ -77,20 +77,25 @@ impl Verifier {
         validation.validate_nbf = false;
         validation.validate_aud = false;
         validation.required_spec_claims.clear();
-        Verifier { key: DecodingKey::from_secret(key), validation }
+        Verifier {
+            key: DecodingKey::from_secret(key),
+            validation,
+        }
     }
 
     /// Verifies the signature and returns the claims, with `exp` and `nbf` checked.
     fn claims(&self, token: &str, now: i64) -> Result<Map<String, Value>, TokenError> {
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
             .map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind;
-                match e.kind() {
-                    ErrorKind::InvalidSignature => TokenError::Signature,
-                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => TokenError::Algorithm,
-                    _ => TokenError::Malformed,
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::InvalidSignature => TokenError::Signature,
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    TokenError::Algorithm
                 }
-            })?;
+                _ => TokenError::Malformed,
+            }
+        })?;
         let claims = data.claims;
         match claim(&claims, "exp").and_then(Value::as_i64) {
             Some(exp) if exp > now => {}
@@ -130,7 +135,9 @@ impl Verifier {
             Some(Value::String(s)) => s.clone(),
             Some(_) => return Err(TokenError::BadClaim),
         };
-        let exp = claim(&claims, "exp").and_then(Value::as_i64).ok_or(TokenError::Expired)?;
+        let exp = claim(&claims, "exp")
+            .and_then(Value::as_i64)
+            .ok_or(TokenError::Expired)?;
         Ok(Grant { username, exp })
     }
 }
@@ -138,15 +145,21 @@ impl Verifier {
 /// Looks a claim up the way Go's JSON decoder matches struct fields: an exact name first,
 /// else any name equal ignoring ASCII case (so `Exp` from 10/11 fileservers is `exp`).
 fn claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    claims
-        .get(name)
-        .or_else(|| claims.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+    claims.get(name).or_else(|| {
+        claims
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    })
 }
 
 /// Picks the event token out of the request headers: the second space-separated word of
 /// `Authorization` (any scheme word, as the official server splits on single spaces), or
 /// else the whole `Seafile-Repo-Token` header that 10/11 Go fileservers send.
-pub fn event_token<'a>(authorization: Option<&'a str>, seafile_repo_token: Option<&'a str>) -> Option<&'a str> {
+pub fn event_token<'a>(
+    authorization: Option<&'a str>,
+    seafile_repo_token: Option<&'a str>,
+) -> Option<&'a str> {
     match authorization {
         Some(auth) => auth.split(' ').nth(1).filter(|t| !t.is_empty()),
         None => seafile_repo_token.map(str::trim).filter(|t| !t.is_empty()),
@@ -179,11 +192,29 @@ pub(crate) mod tests {
         let v = verifier();
         // seaf-server: exp only; Go fileserver 12+: with repo_id and empty username;
         // 10/11 fileserver: capital Exp.
-        assert_eq!(v.verify_event(&hs256(json!({"exp": NOW + 300})), NOW), Ok(()));
-        assert_eq!(v.verify_event(&hs256(json!({"exp": NOW + 1, "repo_id": "r", "username": ""})), NOW), Ok(()));
-        assert_eq!(v.verify_event(&hs256(json!({"Exp": NOW + 1, "repo_id": "r", "username": ""})), NOW), Ok(()));
+        assert_eq!(
+            v.verify_event(&hs256(json!({"exp": NOW + 300})), NOW),
+            Ok(())
+        );
+        assert_eq!(
+            v.verify_event(
+                &hs256(json!({"exp": NOW + 1, "repo_id": "r", "username": ""})),
+                NOW
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            v.verify_event(
+                &hs256(json!({"Exp": NOW + 1, "repo_id": "r", "username": ""})),
+                NOW
+            ),
+            Ok(())
+        );
         for alg in [Algorithm::HS384, Algorithm::HS512] {
-            assert_eq!(v.verify_event(&sign(alg, &json!({"exp": NOW + 1}), KEY), NOW), Ok(()));
+            assert_eq!(
+                v.verify_event(&sign(alg, &json!({"exp": NOW + 1}), KEY), NOW),
+                Ok(())
+            );
         }
     }
 
@@ -196,28 +227,57 @@ pub(crate) mod tests {
             (hs256(json!({"exp": 1.9e9})), TokenError::Expired),
             (hs256(json!({"exp": 1_900_000_000.5})), TokenError::Expired),
             (hs256(json!({"exp": "1900000000"})), TokenError::Expired),
-            (hs256(json!({"exp": NOW + 9, "nbf": NOW + 5})), TokenError::NotYetValid),
-            (hs256(json!({"exp": NOW + 9, "nbf": "x"})), TokenError::NotYetValid),
-            (hs256(json!({"exp": NOW + 9, "username": "alice", "repo_id": "r"})), TokenError::ClientTokenOnEvents),
-            (hs256(json!({"exp": NOW + 9, "Username": "alice"})), TokenError::ClientTokenOnEvents),
-            (hs256(json!({"exp": NOW + 9, "username": 7})), TokenError::BadClaim),
-            (sign(Algorithm::HS256, &json!({"exp": NOW + 9}), b"other"), TokenError::Signature),
+            (
+                hs256(json!({"exp": NOW + 9, "nbf": NOW + 5})),
+                TokenError::NotYetValid,
+            ),
+            (
+                hs256(json!({"exp": NOW + 9, "nbf": "x"})),
+                TokenError::NotYetValid,
+            ),
+            (
+                hs256(json!({"exp": NOW + 9, "username": "alice", "repo_id": "r"})),
+                TokenError::ClientTokenOnEvents,
+            ),
+            (
+                hs256(json!({"exp": NOW + 9, "Username": "alice"})),
+                TokenError::ClientTokenOnEvents,
+            ),
+            (
+                hs256(json!({"exp": NOW + 9, "username": 7})),
+                TokenError::BadClaim,
+            ),
+            (
+                sign(Algorithm::HS256, &json!({"exp": NOW + 9}), b"other"),
+                TokenError::Signature,
+            ),
             ("a.b".to_string(), TokenError::Malformed),
             (String::new(), TokenError::Malformed),
         ];
         for (token, want) in cases {
             assert_eq!(v.verify_event(&token, NOW), Err(want), "{token}");
         }
-        assert_eq!(v.verify_event(&hs256(json!({"exp": NOW + 9, "nbf": NOW})), NOW), Ok(()));
+        assert_eq!(
+            v.verify_event(&hs256(json!({"exp": NOW + 9, "nbf": NOW})), NOW),
+            Ok(())
+        );
     }
 
     #[test]
     fn alg_none_and_asymmetric_are_refused() {
         use base64_url as b64;
         let v = verifier();
-        let none = format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), b64(br#"{"exp":1900000000}"#));
+        let none = format!(
+            "{}.{}.",
+            b64(br#"{"alg":"none","typ":"JWT"}"#),
+            b64(br#"{"exp":1900000000}"#)
+        );
         assert!(v.verify_event(&none, NOW).is_err());
-        let rs = format!("{}.{}.c2ln", b64(br#"{"alg":"RS256","typ":"JWT"}"#), b64(br#"{"exp":1900000000}"#));
+        let rs = format!(
+            "{}.{}.c2ln",
+            b64(br#"{"alg":"RS256","typ":"JWT"}"#),
+            b64(br#"{"exp":1900000000}"#)
+        );
         assert_eq!(v.verify_event(&rs, NOW), Err(TokenError::Algorithm));
     }
 
@@ -226,7 +286,11 @@ pub(crate) mod tests {
         const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();
         for chunk in input.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for i in 0..=chunk.len() {
                 out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -239,9 +303,18 @@ pub(crate) mod tests {
     fn client_tokens() {
         let v = verifier();
         let t = hs256(json!({"exp": NOW + 60, "repo_id": "r1", "username": "a@b"}));
-        assert_eq!(v.verify_client(&t, "r1", NOW), Ok(Grant { username: "a@b".into(), exp: NOW + 60 }));
+        assert_eq!(
+            v.verify_client(&t, "r1", NOW),
+            Ok(Grant {
+                username: "a@b".into(),
+                exp: NOW + 60
+            })
+        );
         assert_eq!(v.verify_client(&t, "r2", NOW), Err(TokenError::WrongRepo));
-        assert_eq!(v.verify_client(&t, "r1", NOW + 60), Err(TokenError::Expired));
+        assert_eq!(
+            v.verify_client(&t, "r1", NOW + 60),
+            Err(TokenError::Expired)
+        );
         let t = hs256(json!({"Exp": NOW + 60, "repo_id": "r1", "username": "a@b"}));
         assert_eq!(v.verify_client(&t, "r1", NOW).unwrap().exp, NOW + 60);
         let t = hs256(json!({"exp": NOW + 60, "repo_id": "r1"}));

@@ -142,21 +142,81 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("port", "NOTIFICATION_SERVER_PORT", Kind::Port),
     ("log_level", "NOTIFICATION_SERVER_LOG_LEVEL", Kind::Level),
     ("jwt_private_key", "JWT_PRIVATE_KEY", Kind::Key),
-    ("ping_interval", "NOTIFICATION_SERVER_PING_INTERVAL", Kind::Seconds),
-    ("pong_timeout", "NOTIFICATION_SERVER_PONG_TIMEOUT", Kind::Seconds),
-    ("max_connections", "NOTIFICATION_SERVER_MAX_CONNECTIONS", Kind::Count(1)),
-    ("max_head_bytes", "NOTIFICATION_SERVER_MAX_HEAD_BYTES", Kind::Count(256)),
-    ("max_body_bytes", "NOTIFICATION_SERVER_MAX_BODY_BYTES", Kind::Count(64)),
-    ("http_head_timeout", "NOTIFICATION_SERVER_HTTP_HEAD_TIMEOUT", Kind::Seconds),
-    ("http_idle_timeout", "NOTIFICATION_SERVER_HTTP_IDLE_TIMEOUT", Kind::Seconds),
-    ("max_message_bytes", "NOTIFICATION_SERVER_MAX_MESSAGE_BYTES", Kind::Count(128)),
-    ("max_repos_per_connection", "NOTIFICATION_SERVER_MAX_REPOS_PER_CONNECTION", Kind::Count(1)),
-    ("max_unsent_bytes", "NOTIFICATION_SERVER_MAX_UNSENT_BYTES", Kind::Count(1024)),
-    ("write_timeout", "NOTIFICATION_SERVER_WRITE_TIMEOUT", Kind::Seconds),
-    ("close_timeout", "NOTIFICATION_SERVER_CLOSE_TIMEOUT", Kind::Seconds),
-    ("max_messages_per_wakeup", "NOTIFICATION_SERVER_MAX_MESSAGES_PER_WAKEUP", Kind::Count(1)),
-    ("ws_read_buffer_bytes", "NOTIFICATION_SERVER_WS_READ_BUFFER_BYTES", Kind::Count(16)),
-    ("shutdown_timeout", "NOTIFICATION_SERVER_SHUTDOWN_TIMEOUT", Kind::Seconds),
+    (
+        "ping_interval",
+        "NOTIFICATION_SERVER_PING_INTERVAL",
+        Kind::Seconds,
+    ),
+    (
+        "pong_timeout",
+        "NOTIFICATION_SERVER_PONG_TIMEOUT",
+        Kind::Seconds,
+    ),
+    (
+        "max_connections",
+        "NOTIFICATION_SERVER_MAX_CONNECTIONS",
+        Kind::Count(1),
+    ),
+    (
+        "max_head_bytes",
+        "NOTIFICATION_SERVER_MAX_HEAD_BYTES",
+        Kind::Count(256),
+    ),
+    (
+        "max_body_bytes",
+        "NOTIFICATION_SERVER_MAX_BODY_BYTES",
+        Kind::Count(64),
+    ),
+    (
+        "http_head_timeout",
+        "NOTIFICATION_SERVER_HTTP_HEAD_TIMEOUT",
+        Kind::Seconds,
+    ),
+    (
+        "http_idle_timeout",
+        "NOTIFICATION_SERVER_HTTP_IDLE_TIMEOUT",
+        Kind::Seconds,
+    ),
+    (
+        "max_message_bytes",
+        "NOTIFICATION_SERVER_MAX_MESSAGE_BYTES",
+        Kind::Count(128),
+    ),
+    (
+        "max_repos_per_connection",
+        "NOTIFICATION_SERVER_MAX_REPOS_PER_CONNECTION",
+        Kind::Count(1),
+    ),
+    (
+        "max_unsent_bytes",
+        "NOTIFICATION_SERVER_MAX_UNSENT_BYTES",
+        Kind::Count(1024),
+    ),
+    (
+        "write_timeout",
+        "NOTIFICATION_SERVER_WRITE_TIMEOUT",
+        Kind::Seconds,
+    ),
+    (
+        "close_timeout",
+        "NOTIFICATION_SERVER_CLOSE_TIMEOUT",
+        Kind::Seconds,
+    ),
+    (
+        "max_messages_per_wakeup",
+        "NOTIFICATION_SERVER_MAX_MESSAGES_PER_WAKEUP",
+        Kind::Count(1),
+    ),
+    (
+        "ws_read_buffer_bytes",
+        "NOTIFICATION_SERVER_WS_READ_BUFFER_BYTES",
+        Kind::Count(16),
+    ),
+    (
+        "shutdown_timeout",
+        "NOTIFICATION_SERVER_SHUTDOWN_TIMEOUT",
+        Kind::Seconds,
+    ),
 ];
 
 /// Every `[notification]` key this server understands, with its environment variable.
@@ -186,7 +246,9 @@ impl Config {
                 },
                 (None, None) => continue,
             };
-            config.set(key, kind, &value).map_err(|reason| ConfigError(format!("{source}: {reason}")))?;
+            config
+                .set(key, kind, &value)
+                .map_err(|reason| ConfigError(format!("{source}: {reason}")))?;
         }
         config.validate(file.map(|(name, _)| name))?;
         Ok(config)
@@ -247,8 +309,11 @@ impl Config {
     fn validate(&self, file: Option<&str>) -> Result<(), ConfigError> {
         if self.jwt_private_key.is_empty() {
             let hint = match file {
-                Some(name) => format!("set [{SECTION}] jwt_private_key in {name} or the JWT_PRIVATE_KEY environment variable"),
-                None => "no seafile.conf found; set the JWT_PRIVATE_KEY environment variable".to_string(),
+                Some(name) => format!(
+                    "set [{SECTION}] jwt_private_key in {name} or the JWT_PRIVATE_KEY environment variable"
+                ),
+                None => "no seafile.conf found; set the JWT_PRIVATE_KEY environment variable"
+                    .to_string(),
             };
             return Err(ConfigError(format!("jwt_private_key: missing: {hint}")));
         }
@@ -295,13 +360,22 @@ fn parse_section(name: &str, text: &str) -> Result<Vec<(String, String)>, Config
         .map_err(|e| ConfigError(format!("{name}: cannot parse: {e}")))?;
     Ok(ini
         .section(Some(SECTION))
-        .map(|props| props.iter().map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect())
+        .map(|props| {
+            props
+                .iter()
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect()
+        })
         .unwrap_or_default())
 }
 
 fn lookup<'a>(entries: &'a [(String, String)], key: &str) -> Option<&'a str> {
     // The last occurrence wins, as in GLib's parser.
-    entries.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    entries
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
 }
 
 /// Parses a level name as the official server (logrus) does, case-insensitively.
@@ -327,7 +401,9 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{value:?} is not a number of seconds"))?;
     if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
-        return Err(format!("{value:?} must be more than 0 and at most 86400 seconds"));
+        return Err(format!(
+            "{value:?} must be more than 0 and at most 86400 seconds"
+        ));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -385,25 +461,45 @@ mod tests {
     #[test]
     fn errors_name_source_key_and_reason() {
         let e = load("[notification]\njwt_private_key=k\nport = eighty\n").unwrap_err();
-        assert_eq!(e.0, "/c/seafile.conf [notification] port: \"eighty\" is not a port number (0-65535)");
+        assert_eq!(
+            e.0,
+            "/c/seafile.conf [notification] port: \"eighty\" is not a port number (0-65535)"
+        );
         let e = load("[notification]\njwt_private_key=k\nlog_level = loud\n").unwrap_err();
-        assert!(e.0.starts_with("/c/seafile.conf [notification] log_level: \"loud\""), "{e}");
+        assert!(
+            e.0.starts_with("/c/seafile.conf [notification] log_level: \"loud\""),
+            "{e}"
+        );
         let e = load("[notification]\nport = 1\n").unwrap_err();
-        assert!(e.0.starts_with("jwt_private_key: missing: set [notification] jwt_private_key in /c/seafile.conf"), "{e}");
+        assert!(
+            e.0.starts_with(
+                "jwt_private_key: missing: set [notification] jwt_private_key in /c/seafile.conf"
+            ),
+            "{e}"
+        );
         let e = load("[notification]\njwt_private_key=k\nping_interval = 0\n").unwrap_err();
         assert!(e.0.contains("ping_interval"), "{e}");
         let e = load("[notification]\njwt_private_key=k\nmax_connections = -1\n").unwrap_err();
-        assert!(e.0.contains("max_connections: \"-1\" is not a whole number"), "{e}");
+        assert!(
+            e.0.contains("max_connections: \"-1\" is not a whole number"),
+            "{e}"
+        );
         let env = |k: &str| (k == "NOTIFICATION_SERVER_PORT").then(|| "x".to_string());
         let e = Config::load(Some(("f", "[notification]\njwt_private_key=k\n")), &env).unwrap_err();
-        assert!(e.0.starts_with("environment variable NOTIFICATION_SERVER_PORT: "), "{e}");
+        assert!(
+            e.0.starts_with("environment variable NOTIFICATION_SERVER_PORT: "),
+            "{e}"
+        );
     }
 
     #[test]
     fn cross_key_rules() {
-        let e = load("[notification]\njwt_private_key=k\nping_interval=5\npong_timeout=5\n").unwrap_err();
+        let e = load("[notification]\njwt_private_key=k\nping_interval=5\npong_timeout=5\n")
+            .unwrap_err();
         assert!(e.0.starts_with("pong_timeout:"), "{e}");
-        let e = load("[notification]\njwt_private_key=k\nmax_body_bytes=5000\nmax_unsent_bytes=4000\n").unwrap_err();
+        let e =
+            load("[notification]\njwt_private_key=k\nmax_body_bytes=5000\nmax_unsent_bytes=4000\n")
+                .unwrap_err();
         assert!(e.0.starts_with("max_unsent_bytes:"), "{e}");
     }
 
@@ -418,7 +514,8 @@ mod tests {
 
     #[test]
     fn other_sections_and_unknown_keys_are_ignored() {
-        let c = load("[database]\nport = x\n[notification]\njwt_private_key=k\nenabled = true\n").unwrap();
+        let c = load("[database]\nport = x\n[notification]\njwt_private_key=k\nenabled = true\n")
+            .unwrap();
         assert_eq!(c.port, 8083);
     }
 

@@ -90,8 +90,12 @@ impl std::fmt::Display for Reason {
             Reason::HttpTimeout { idle: true } => f.write_str("idle keep-alive timeout"),
             Reason::HttpTimeout { idle: false } => f.write_str("request not complete in time"),
             Reason::PongTimeout => f.write_str("pong timeout: nothing heard from the client"),
-            Reason::SlowConsumerBytes => f.write_str("slow consumer: unsent output over max_unsent_bytes"),
-            Reason::SlowConsumerTime => f.write_str("slow consumer: output unsent for longer than write_timeout"),
+            Reason::SlowConsumerBytes => {
+                f.write_str("slow consumer: unsent output over max_unsent_bytes")
+            }
+            Reason::SlowConsumerTime => {
+                f.write_str("slow consumer: output unsent for longer than write_timeout")
+            }
             Reason::Protocol(why) => write!(f, "protocol error: {why}"),
             Reason::CloseHandshake => f.write_str("close handshake finished or timed out"),
             Reason::Shutdown => f.write_str("server shutting down"),
@@ -177,7 +181,12 @@ impl HttpConn {
     /// Reads what the socket has, answers every complete request in order and writes the
     /// answers. Accepted events are pushed to `events`, after their 200 was written (or
     /// queued, if the socket is full): `/events` is answered before any fan-out.
-    pub fn on_ready(&mut self, ctx: &Ctx, events: &mut Vec<Event>, tally: &mut HttpTally) -> HttpStep {
+    pub fn on_ready(
+        &mut self,
+        ctx: &Ctx,
+        events: &mut Vec<Event>,
+        tally: &mut HttpTally,
+    ) -> HttpStep {
         let cap = ctx.config.max_head_bytes + ctx.config.max_body_bytes;
         loop {
             if self.close_after_write.is_some() || self.upgrade_after_write {
@@ -190,7 +199,10 @@ impl HttpConn {
             let mut chunk = [0u8; 4096];
             while self.inbuf.len() < cap {
                 let room = (cap - self.inbuf.len()).min(chunk.len());
-                match self.stream.read(&mut chunk[..room]) {
+                let Some(window) = chunk.get_mut(..room) else {
+                    break;
+                };
+                match self.stream.read(window) {
                     Ok(0) => {
                         peer_closed = true;
                         break;
@@ -201,7 +213,8 @@ impl HttpConn {
                             self.idle = false;
                             self.deadline = ctx.now + ms(ctx.config.http_head_timeout);
                         }
-                        self.inbuf.extend_from_slice(&chunk[..n]);
+                        self.inbuf
+                            .extend_from_slice(chunk.get(..n).unwrap_or_default());
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         drained = true;
@@ -229,8 +242,15 @@ impl HttpConn {
 
     /// Answers every complete request in the buffer.
     fn handle_requests(&mut self, ctx: &Ctx, events: &mut Vec<Event>, tally: &mut HttpTally) {
-        while self.close_after_write.is_none() && !self.upgrade_after_write && !self.inbuf.is_empty() {
-            let head = match http::parse_head(&self.inbuf, ctx.config.max_head_bytes, ctx.config.max_body_bytes) {
+        while self.close_after_write.is_none()
+            && !self.upgrade_after_write
+            && !self.inbuf.is_empty()
+        {
+            let head = match http::parse_head(
+                &self.inbuf,
+                ctx.config.max_head_bytes,
+                ctx.config.max_body_bytes,
+            ) {
                 Ok(Some(head)) => head,
                 Ok(None) => return,
                 Err(reject) => {
@@ -266,20 +286,34 @@ impl HttpConn {
         }
     }
 
-    fn respond(&mut self, head: &Head, total: usize, ctx: &Ctx, events: &mut Vec<Event>, tally: &mut HttpTally) {
+    fn respond(
+        &mut self,
+        head: &Head,
+        total: usize,
+        ctx: &Ctx,
+        events: &mut Vec<Event>,
+        tally: &mut HttpTally,
+    ) {
         let head_only = head.method == "HEAD";
         let keep = head.keep_alive;
         match head.route {
             Some(Route::Ping) => self.out.extend_from_slice(&http::pong(keep, head_only)),
             Some(Route::Events) => {
-                let token = auth::event_token(head.authorization.as_deref(), head.seafile_repo_token.as_deref());
+                let token = auth::event_token(
+                    head.authorization.as_deref(),
+                    head.seafile_repo_token.as_deref(),
+                );
                 let verdict = match token {
                     Some(t) => ctx.verifier.verify_event(t, ctx.unix_now),
                     None => Err(auth::TokenError::Malformed),
                 };
                 if let Err(e) = verdict {
                     tally.token_rejections += 1;
-                    log::warn!("refused event from {}: bad token ({})", self.peer, e.label());
+                    log::warn!(
+                        "refused event from {}: bad token ({})",
+                        self.peer,
+                        e.label()
+                    );
                     self.out.extend_from_slice(&http::token_mismatch(keep));
                     return;
                 }
@@ -293,7 +327,10 @@ impl HttpConn {
                         self.out.extend_from_slice(&http::ok_empty(keep));
                     }
                     Parsed::Invalid => {
-                        log::info!("event body from {} is not a JSON object with a string type", self.peer);
+                        log::info!(
+                            "event body from {} is not a JSON object with a string type",
+                            self.peer
+                        );
                         self.out.extend_from_slice(&http::bad_event_body(keep));
                     }
                 }
@@ -304,7 +341,8 @@ impl HttpConn {
                     self.close_after_write = Some(Reason::Shutdown);
                 }
                 Ok(accept) => {
-                    self.out.extend_from_slice(&ws::switching_protocols(&accept));
+                    self.out
+                        .extend_from_slice(&ws::switching_protocols(&accept));
                     self.upgrade_after_write = true;
                     self.forwarded_for = head.x_forwarded_for.as_deref().map(Box::from);
                 }
@@ -313,7 +351,9 @@ impl HttpConn {
                     self.out.extend_from_slice(&refusal);
                 }
             },
-            Some(Route::NotFound) | None => self.out.extend_from_slice(&http::not_found(keep, head_only)),
+            Some(Route::NotFound) | None => self
+                .out
+                .extend_from_slice(&http::not_found(keep, head_only)),
         }
     }
 
@@ -325,7 +365,9 @@ impl HttpConn {
                 Ok(n) => {
                     self.out.drain(..n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return HttpStep::Wait { wants_write: true },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return HttpStep::Wait { wants_write: true };
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return HttpStep::Close(io_reason(&e)),
             }
@@ -352,7 +394,12 @@ impl HttpConn {
     /// Turns the connection into a websocket; bytes that followed the upgrade request
     /// are the first websocket bytes.
     pub fn into_ws(self, now: Millis, config: &Config) -> WsConn {
-        let ws = WebSocket::from_partially_read(self.stream, self.inbuf, Role::Server, Some(ws::socket_config(config)));
+        let ws = WebSocket::from_partially_read(
+            self.stream,
+            self.inbuf,
+            Role::Server,
+            Some(ws::socket_config(config)),
+        );
         WsConn {
             ws,
             peer: self.peer,
@@ -433,7 +480,9 @@ impl WsConn {
                         }
                     }
                 }
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return WsRead::Drained,
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return WsRead::Drained;
+                }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(tungstenite::Error::Io(e)) => return WsRead::Close(io_reason(&e)),
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
@@ -443,7 +492,9 @@ impl WsConn {
                         Reason::PeerClosed
                     });
                 }
-                Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)) => {
+                Err(tungstenite::Error::Protocol(
+                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                )) => {
                     return WsRead::Close(Reason::PeerClosed);
                 }
                 Err(tungstenite::Error::Capacity(e)) => {
@@ -471,7 +522,10 @@ impl WsConn {
     /// A framing error: the stream cannot be trusted any more. Send a Close frame if we
     /// can and end at once.
     fn fail(&mut self, code: CloseCode, why: String) -> WsRead {
-        let frame = CloseFrame { code, reason: Utf8Bytes::from(truncate_reason(&why)) };
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from(truncate_reason(&why)),
+        };
         let _ = self.ws.close(Some(frame));
         WsRead::Close(Reason::Protocol(why))
     }
@@ -483,7 +537,10 @@ impl WsConn {
             return;
         }
         log::debug!("closing websocket {}: {why}", self.peer);
-        let frame = CloseFrame { code, reason: Utf8Bytes::from(truncate_reason(why)) };
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from(truncate_reason(why)),
+        };
         // Queued even when the socket is full; the server's flush sends it.
         let _ = self.ws.close(Some(frame));
         self.close_deadline = Some(close_by);
@@ -500,7 +557,9 @@ impl WsConn {
             Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.unsent_since.get_or_insert(now);
             }
-            Err(tungstenite::Error::WriteBufferFull(_)) => return Sent::Evict(Reason::SlowConsumerBytes),
+            Err(tungstenite::Error::WriteBufferFull(_)) => {
+                return Sent::Evict(Reason::SlowConsumerBytes);
+            }
             Err(tungstenite::Error::Io(e)) => return Sent::Evict(io_reason(&e)),
             Err(e) => return Sent::Evict(Reason::Protocol(format!("{e}"))),
         }
@@ -589,6 +648,9 @@ mod tests {
     fn reason_labels_and_levels() {
         assert!(Reason::SlowConsumerBytes.is_warning());
         assert!(!Reason::PeerClosed.is_warning());
-        assert_eq!(Reason::HttpTimeout { idle: true }.label(), "http_idle_timeout");
+        assert_eq!(
+            Reason::HttpTimeout { idle: true }.label(),
+            "http_idle_timeout"
+        );
     }
 }

@@ -82,7 +82,7 @@ pub fn parse(body: &[u8]) -> Parsed {
     };
     let event_type = match top.string("type") {
         Ok(t) => t.unwrap_or_default(),
-        Err(()) => return Parsed::Invalid,
+        Err(_) => return Parsed::Invalid,
     };
     let Some(kind) = Kind::from_type(&event_type) else {
         return Parsed::Ignored(format!("unknown event type {event_type:?}"));
@@ -91,10 +91,16 @@ pub fn parse(body: &[u8]) -> Parsed {
         return Parsed::Ignored(format!("{} event without content", kind.name()));
     };
     let Ok(content) = Object::parse(raw_content.get()) else {
-        return Parsed::Ignored(format!("{} event whose content is not an object", kind.name()));
+        return Parsed::Ignored(format!(
+            "{} event whose content is not an object",
+            kind.name()
+        ));
     };
     let Ok(repo_id) = content.string("repo_id") else {
-        return Parsed::Ignored(format!("{} event whose repo_id is not a string", kind.name()));
+        return Parsed::Ignored(format!(
+            "{} event whose repo_id is not a string",
+            kind.name()
+        ));
     };
     let repo_id = repo_id.unwrap_or_default();
     if repo_id.is_empty() {
@@ -108,14 +114,25 @@ pub fn parse(body: &[u8]) -> Parsed {
     } else {
         Audience::All
     };
-    let frame = format!("{{\"type\":\"{}\",\"content\":{}}}\n", kind.name(), compact(raw_content.get()));
-    Parsed::Event(Event { kind, repo_id, audience, frame: frame.into() })
+    let frame = format!(
+        "{{\"type\":\"{}\",\"content\":{}}}\n",
+        kind.name(),
+        compact(raw_content.get())
+    );
+    Parsed::Event(Event {
+        kind,
+        repo_id,
+        audience,
+        frame: frame.into(),
+    })
 }
 
 /// The audience rule of the official server: a named user, else a group unless it is -1
 /// (a missing group is group 0, as Go's zero value), else everyone.
 fn folder_perm_audience(content: &Object) -> Result<Audience, &'static str> {
-    let user = content.string("user").map_err(|_| "a user that is not a string")?;
+    let user = content
+        .string("user")
+        .map_err(|_| "a user that is not a string")?;
     if let Some(user) = user.filter(|u| !u.is_empty()) {
         return Ok(Audience::User(user));
     }
@@ -126,7 +143,11 @@ fn folder_perm_audience(content: &Object) -> Result<Audience, &'static str> {
             Err(_) => return Err("a group that is not an integer"),
         },
     };
-    Ok(if group == -1 { Audience::All } else { Audience::Group(group) })
+    Ok(if group == -1 {
+        Audience::All
+    } else {
+        Audience::Group(group)
+    })
 }
 
 /// The message telling a client its token for `repo_id` is bad or ran out. The id is
@@ -149,7 +170,9 @@ mod tests {
 
     #[test]
     fn repo_update_is_forwarded_compact_with_every_field() {
-        let e = event(r#"{"type": "repo-update", "content": {"repo_id": "r1", "commit_id": "c", "extra": {"a": [1, 2]}}}"#);
+        let e = event(
+            r#"{"type": "repo-update", "content": {"repo_id": "r1", "commit_id": "c", "extra": {"a": [1, 2]}}}"#,
+        );
         assert_eq!(e.kind, Kind::RepoUpdate);
         assert_eq!(e.repo_id, "r1");
         assert_eq!(e.audience, Audience::All);
@@ -161,25 +184,48 @@ mod tests {
 
     #[test]
     fn seahub_comment_update_with_python_spacing() {
-        let e = event(r#"{"type": "comment-update", "content": {"repo_id": "r", "type": "comment_updated", "file_uuid": "u", "file_path": ""}}"#);
+        let e = event(
+            r#"{"type": "comment-update", "content": {"repo_id": "r", "type": "comment_updated", "file_uuid": "u", "file_path": ""}}"#,
+        );
         assert_eq!(e.kind, Kind::CommentUpdate);
         assert!(e.frame.as_str().contains("\"file_path\":\"\""));
     }
 
     #[test]
     fn folder_perm_audiences() {
-        let base = |extra: &str| format!(r#"{{"type":"folder-perm-changed","content":{{"repo_id":"r","path":"/d","type":"user","change_event":"add","perm":"rw"{extra}}}}}"#);
-        assert_eq!(event(&base(r#","user":"a@b","group":-1"#)).audience, Audience::User("a@b".into()));
-        assert_eq!(event(&base(r#","user":"","group":7"#)).audience, Audience::Group(7));
-        assert_eq!(event(&base(r#","user":"","group":-1"#)).audience, Audience::All);
+        let base = |extra: &str| {
+            format!(
+                r#"{{"type":"folder-perm-changed","content":{{"repo_id":"r","path":"/d","type":"user","change_event":"add","perm":"rw"{extra}}}}}"#
+            )
+        };
+        assert_eq!(
+            event(&base(r#","user":"a@b","group":-1"#)).audience,
+            Audience::User("a@b".into())
+        );
+        assert_eq!(
+            event(&base(r#","user":"","group":7"#)).audience,
+            Audience::Group(7)
+        );
+        assert_eq!(
+            event(&base(r#","user":"","group":-1"#)).audience,
+            Audience::All
+        );
         assert_eq!(event(&base(r#","user":"""#)).audience, Audience::Group(0));
-        assert!(matches!(parse(base(r#","user":5"#).as_bytes()), Parsed::Ignored(_)));
-        assert!(matches!(parse(base(r#","group":1.5"#).as_bytes()), Parsed::Ignored(_)));
+        assert!(matches!(
+            parse(base(r#","user":5"#).as_bytes()),
+            Parsed::Ignored(_)
+        ));
+        assert!(matches!(
+            parse(base(r#","group":1.5"#).as_bytes()),
+            Parsed::Ignored(_)
+        ));
     }
 
     #[test]
     fn lock_events_keep_unknown_fields() {
-        let e = event(r#"{"type":"file-lock-changed","content":{"repo_id":"r","path":"/a.docx","change_event":"locked","lock_user":"u","expire":0}}"#);
+        let e = event(
+            r#"{"type":"file-lock-changed","content":{"repo_id":"r","path":"/a.docx","change_event":"locked","lock_user":"u","expire":0}}"#,
+        );
         assert!(e.frame.as_str().contains("\"expire\":0"));
     }
 
@@ -214,7 +260,10 @@ mod tests {
 
     #[test]
     fn jwt_expired_escapes_the_id() {
-        assert_eq!(jwt_expired("r1").as_str(), "{\"type\":\"jwt-expired\",\"content\":{\"repo_id\":\"r1\"}}\n");
+        assert_eq!(
+            jwt_expired("r1").as_str(),
+            "{\"type\":\"jwt-expired\",\"content\":{\"repo_id\":\"r1\"}}\n"
+        );
         let m = jwt_expired("a\"b\\");
         let v: serde_json::Value = serde_json::from_str(m.as_str()).unwrap();
         assert_eq!(v["content"]["repo_id"], "a\"b\\");

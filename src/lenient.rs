@@ -10,6 +10,10 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
 
+/// A field holds a value of another JSON type than the one asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrongType;
+
 /// A JSON object as its entries in document order, values unparsed.
 #[derive(Debug, Default)]
 pub struct Object<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
@@ -24,18 +28,20 @@ impl<'a> Object<'a> {
     pub fn get(&self, name: &str) -> Option<&'a RawValue> {
         let exact = self.0.iter().rev().find(|(k, _)| k == name);
         exact
-            .or_else(|| self.0.iter().rev().find(|(k, _)| k.eq_ignore_ascii_case(name)))
+            .or_else(|| {
+                self.0
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            })
             .map(|(_, v)| *v)
     }
 
     /// A string field: `Ok(None)` when absent or null, `Err` when of another type.
-    pub fn string(&self, name: &str) -> Result<Option<String>, ()> {
+    pub fn string(&self, name: &str) -> Result<Option<String>, WrongType> {
         match self.get(name) {
             None => Ok(None),
-            Some(raw) => match serde_json::from_str::<Option<String>>(raw.get()) {
-                Ok(v) => Ok(v),
-                Err(_) => Err(()),
-            },
+            Some(raw) => serde_json::from_str::<Option<String>>(raw.get()).map_err(|_| WrongType),
         }
     }
 }
@@ -103,7 +109,7 @@ mod tests {
         assert_eq!(o.string("a"), Ok(Some("x\"y".into())));
         assert_eq!(o.string("b"), Ok(None));
         assert_eq!(o.string("z"), Ok(None));
-        assert_eq!(o.string("c"), Err(()));
+        assert_eq!(o.string("c"), Err(WrongType));
     }
 
     #[test]
@@ -116,7 +122,10 @@ mod tests {
 
     #[test]
     fn compact_keeps_strings_and_order() {
-        assert_eq!(compact("{ \"b\" : 1 ,\n \"a\": \"x y\\\" z\" , \"c\": [1, 2] }"), "{\"b\":1,\"a\":\"x y\\\" z\",\"c\":[1,2]}");
+        assert_eq!(
+            compact("{ \"b\" : 1 ,\n \"a\": \"x y\\\" z\" , \"c\": [1, 2] }"),
+            "{\"b\":1,\"a\":\"x y\\\" z\",\"c\":[1,2]}"
+        );
         assert_eq!(compact("\"\\\\\" "), "\"\\\\\"");
     }
 }

@@ -16,6 +16,18 @@
 //! - [`subs`]: the two-way subscription index;
 //! - [`lenient`]: Go-compatible lenient JSON object access.
 
+// Nothing that input can reach may panic: these lints keep unwraps, expects, explicit
+// panics and unchecked indexing out of the server (tests may use them).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 pub mod auth;
 pub mod config;
 pub mod conn;

@@ -47,8 +47,16 @@ impl log::Log for Logger {
             log::Level::Debug => "DEBUG",
             log::Level::Trace => "TRACE",
         };
-        let prefix = if self.to_stdout { "[notification-server] " } else { "" };
-        let line = format!("{prefix}[{}] [{level}] {}\n", local_timestamp(), record.args());
+        let prefix = if self.to_stdout {
+            "[notification-server] "
+        } else {
+            ""
+        };
+        let line = format!(
+            "{prefix}[{}] [{level}] {}\n",
+            local_timestamp(),
+            record.args()
+        );
         // One write call per line, so lines from the helper threads never interleave.
         let _ = if self.to_stdout {
             std::io::stdout().lock().write_all(line.as_bytes())
@@ -71,7 +79,9 @@ pub fn init(target: &Target, level: log::LevelFilter) -> Result<(), String> {
     }
     // SAFETY: tzset only (re)reads TZ into libc's own state, before any other thread runs.
     unsafe { tzset() };
-    let logger: &'static Logger = Box::leak(Box::new(Logger { to_stdout: *target == Target::Stdout }));
+    let logger: &'static Logger = Box::leak(Box::new(Logger {
+        to_stdout: *target == Target::Stdout,
+    }));
     log::set_logger(logger).map_err(|e| format!("cannot install the logger: {e}"))?;
     log::set_max_level(level);
     Ok(())

@@ -47,7 +47,10 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
             Some((n, v)) if n.starts_with('-') => (n.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let name = name.strip_prefix("--").map(|n| format!("-{n}")).unwrap_or(name);
+        let name = name
+            .strip_prefix("--")
+            .map(|n| format!("-{n}"))
+            .unwrap_or(name);
         let mut value = |flag: &str| match inline.clone().or_else(|| args.next()) {
             Some(v) => Ok(v),
             None => Err(format!("flag needs an argument: {flag}")),
@@ -67,8 +70,13 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
-    let config_dir = config_dir.ok_or_else(|| format!("config directory must be specified with -c\n\n{USAGE}"))?;
-    Ok(Some(Args { config_dir, log_file, check_only }))
+    let config_dir = config_dir
+        .ok_or_else(|| format!("config directory must be specified with -c\n\n{USAGE}"))?;
+    Ok(Some(Args {
+        config_dir,
+        log_file,
+        check_only,
+    }))
 }
 
 /// Reads `DIR/seafile.conf` if it exists and builds the configuration.
@@ -96,7 +104,9 @@ fn log_target(args: &Args) -> Result<Target, String> {
         Some(file) => std::path::absolute(file)
             .map(Target::File)
             .map_err(|e| format!("log file {file}: {e}")),
-        None => Ok(Target::File(args.config_dir.join("notification-server.log"))),
+        None => Ok(Target::File(
+            args.config_dir.join("notification-server.log"),
+        )),
     }
 }
 
@@ -117,7 +127,10 @@ fn main() -> ExitCode {
         }
     };
     if args.check_only {
-        println!("configuration OK: would listen on {}", config.listen_address());
+        println!(
+            "configuration OK: would listen on {}",
+            config.listen_address()
+        );
         return ExitCode::SUCCESS;
     }
     let target = match log_target(&args) {
@@ -132,7 +145,10 @@ fn main() -> ExitCode {
     let listener = match std::net::TcpListener::bind(config.listen_address()) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("notification-server: cannot listen on {}: {e}", config.listen_address());
+            eprintln!(
+                "notification-server: cannot listen on {}: {e}",
+                config.listen_address()
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -149,7 +165,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    log::info!("notification server started, listening on {}", server.local_addr());
+    log::info!(
+        "notification server started, listening on {}",
+        server.local_addr()
+    );
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -169,7 +188,11 @@ mod tests {
 
     #[test]
     fn go_flag_spellings() {
-        for args in [&["-c", "/d", "-l", "x"][..], &["-c=/d", "-l=x"], &["--c", "/d", "--l=x"]] {
+        for args in [
+            &["-c", "/d", "-l", "x"][..],
+            &["-c=/d", "-l=x"],
+            &["--c", "/d", "--l=x"],
+        ] {
             let a = parse(args).unwrap().unwrap();
             assert_eq!(a.config_dir, PathBuf::from("/d"));
             assert_eq!(a.log_file.as_deref(), Some("x"));
@@ -177,6 +200,11 @@ mod tests {
         assert!(parse(&["-l", "x"]).is_err());
         assert!(parse(&["-c"]).is_err());
         assert!(parse(&["-c", "/d", "--bogus"]).is_err());
-        assert!(parse(&["-c", "/d", "--check-config"]).unwrap().unwrap().check_only);
+        assert!(
+            parse(&["-c", "/d", "--check-config"])
+                .unwrap()
+                .unwrap()
+                .check_only
+        );
     }
 }

@@ -109,9 +109,11 @@ impl Server {
         let local_addr = listener.local_addr()?;
         let mut listener = TcpListener::from_std(listener);
         let poll = Poll::new()?;
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
-        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
         // Ticks fine enough for the shortest timer: a quarter of the ping interval, at
         // most 250 ms, which also bounds how late a token expiry is noticed.
         let tick = (ms(config.ping_interval) / 4).clamp(10, 250);
@@ -179,7 +181,13 @@ impl Server {
                             return Ok(());
                         }
                     }
-                    Token(key) => self.on_ready(key, ev.is_readable() || ev.is_read_closed() || ev.is_error(), ev.is_writable(), now, unix_now),
+                    Token(key) => self.on_ready(
+                        key,
+                        ev.is_readable() || ev.is_read_closed() || ev.is_error(),
+                        ev.is_writable(),
+                        now,
+                        unix_now,
+                    ),
                 }
             }
             for key in std::mem::take(&mut self.unread) {
@@ -191,7 +199,9 @@ impl Server {
             }
             self.flush_dirty(now);
             self.teardown();
-            if self.accept_pause == Some(AcceptPause::AtCapacity) && self.conns.len() < self.config.max_connections {
+            if self.accept_pause == Some(AcceptPause::AtCapacity)
+                && self.conns.len() < self.config.max_connections
+            {
                 self.accept_pause = None;
                 self.accept(now);
                 self.flush_dirty(now);
@@ -203,7 +213,10 @@ impl Server {
                     return Ok(());
                 }
                 if now >= deadline {
-                    log::warn!("shutdown deadline reached; closing {} remaining connection(s)", self.conns.len());
+                    log::warn!(
+                        "shutdown deadline reached; closing {} remaining connection(s)",
+                        self.conns.len()
+                    );
                     return Ok(());
                 }
             }
@@ -221,7 +234,10 @@ impl Server {
         };
         loop {
             if self.conns.len() >= self.config.max_connections {
-                log::warn!("at max_connections ({}): not accepting until a connection closes", self.config.max_connections);
+                log::warn!(
+                    "at max_connections ({}): not accepting until a connection closes",
+                    self.config.max_connections
+                );
                 self.accept_pause = Some(AcceptPause::AtCapacity);
                 return;
             }
@@ -230,7 +246,11 @@ impl Server {
                     let _ = stream.set_nodelay(true);
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
-                    if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE) {
+                    if let Err(e) =
+                        self.poll
+                            .registry()
+                            .register(&mut stream, Token(key), Interest::READABLE)
+                    {
                         log::warn!("cannot register connection from {peer}: {e}");
                         continue;
                     }
@@ -239,14 +259,23 @@ impl Server {
                     log::debug!("connection {key} from {peer} accepted");
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
                     log::warn!(
                         "cannot accept: {e}; pausing accept until descriptors free up (raise LimitNOFILE or lower max_connections)"
                     );
                     self.accept_pause = Some(AcceptPause::NoDescriptors);
                     return;
                 }
-                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
                 Err(e) => {
                     log::warn!("accept failed: {e}");
                     return;
@@ -318,7 +347,13 @@ impl Server {
         let mut tally = HttpTally::default();
         let mut events = std::mem::take(&mut self.events);
         let step = {
-            let ctx = Ctx { config: &self.config, verifier: &self.verifier, unix_now, now, draining: self.drain_deadline.is_some() };
+            let ctx = Ctx {
+                config: &self.config,
+                verifier: &self.verifier,
+                unix_now,
+                now,
+                draining: self.drain_deadline.is_some(),
+            };
             let Some(Conn::Http(h)) = self.conns.get_mut(key) else {
                 return;
             };
@@ -405,16 +440,27 @@ impl Server {
                                         w.client_addr(),
                                         self.config.max_repos_per_connection
                                     );
-                                    w.start_close(CloseCode::Policy, "too many subscriptions", close_by);
+                                    w.start_close(
+                                        CloseCode::Policy,
+                                        "too many subscriptions",
+                                        close_by,
+                                    );
                                 }
                                 return;
                             }
-                            self.subs.subscribe(key, &repo_id, &grant.username, grant.exp);
-                            log::debug!("connection {key} subscribed to {repo_id} until {}", grant.exp);
+                            self.subs
+                                .subscribe(key, &repo_id, &grant.username, grant.exp);
+                            log::debug!(
+                                "connection {key} subscribed to {repo_id} until {}",
+                                grant.exp
+                            );
                         }
                         Err(e) => {
                             self.stats.client_token_rejections += 1;
-                            log::debug!("connection {key}: token for {repo_id} refused ({})", e.label());
+                            log::debug!(
+                                "connection {key}: token for {repo_id} refused ({})",
+                                e.label()
+                            );
                             self.send(key, event::jwt_expired(&repo_id), now);
                         }
                     }
@@ -461,7 +507,14 @@ impl Server {
                 return;
             }
         };
-        let Server { subs, conns, dirty, doomed, stats, .. } = self;
+        let Server {
+            subs,
+            conns,
+            dirty,
+            doomed,
+            stats,
+            ..
+        } = self;
         for m in subs.members(&ev.repo_id) {
             if user.is_some_and(|u| *m.user != *u) {
                 continue;
@@ -491,7 +544,13 @@ impl Server {
         let pong_timeout = ms(self.config.pong_timeout);
         let write_timeout = ms(self.config.write_timeout);
         let draining = self.drain_deadline.is_some();
-        let Server { conns, subs, dirty, doomed, .. } = self;
+        let Server {
+            conns,
+            subs,
+            dirty,
+            doomed,
+            ..
+        } = self;
         for (key, conn) in conns.iter_mut() {
             match conn {
                 Conn::Http(h) => {
@@ -512,14 +571,21 @@ impl Server {
                         doomed.push((key, Reason::PongTimeout));
                         continue;
                     }
-                    if w.unsent_since.is_some_and(|t| now.saturating_sub(t) >= write_timeout) {
+                    if w.unsent_since
+                        .is_some_and(|t| now.saturating_sub(t) >= write_timeout)
+                    {
                         doomed.push((key, Reason::SlowConsumerTime));
                         continue;
                     }
                     if subs.has_expired(key, unix_now) {
                         for repo_id in subs.expire(key, unix_now) {
                             log::debug!("connection {key}: token for {repo_id} expired");
-                            if !note_sent(w.send(event::jwt_expired(&repo_id), now), key, dirty, doomed) {
+                            if !note_sent(
+                                w.send(event::jwt_expired(&repo_id), now),
+                                key,
+                                dirty,
+                                doomed,
+                            ) {
                                 break;
                             }
                         }
@@ -570,7 +636,11 @@ impl Server {
 
     /// Registers or unregisters interest in WRITABLE (see the module doc for why).
     fn set_writable(&mut self, key: usize, writable: bool) {
-        let interest = if writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+        let interest = if writable {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
         let registry = self.poll.registry();
         let result = match self.conns.get_mut(key) {
             Some(Conn::Http(h)) => registry.reregister(&mut h.stream, Token(key), interest),
@@ -612,7 +682,12 @@ impl Server {
 
 /// Records what a queued message means for the dirty and doomed lists; false if the
 /// connection is doomed.
-fn note_sent(sent: Sent, key: usize, dirty: &mut Vec<usize>, doomed: &mut Vec<(usize, Reason)>) -> bool {
+fn note_sent(
+    sent: Sent,
+    key: usize,
+    dirty: &mut Vec<usize>,
+    doomed: &mut Vec<(usize, Reason)>,
+) -> bool {
     match sent {
         Sent::Queued { newly_dirty } => {
             if newly_dirty {

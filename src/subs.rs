@@ -65,12 +65,16 @@ impl Subs {
         let repo = match self.ids.get(repo_id) {
             Some(&r) => r,
             None => {
-                let r = self.repos.insert(Repo { id: repo_id.into(), members: Vec::new() }) as u32;
+                let r = self.repos.insert(Repo {
+                    id: repo_id.into(),
+                    members: Vec::new(),
+                }) as u32;
                 self.ids.insert(repo_id.into(), r);
                 r
             }
         };
-        let (Some(cs), Some(rp)) = (self.conns.get_mut(conn), self.repos.get_mut(repo as usize)) else {
+        let (Some(cs), Some(rp)) = (self.conns.get_mut(conn), self.repos.get_mut(repo as usize))
+        else {
             return false;
         };
         if let Some(sub) = cs.subs.iter_mut().find(|s| s.repo == repo) {
@@ -85,8 +89,16 @@ impl Subs {
             cs.next_exp = exp;
         }
         let slot = cs.subs.len() as u32;
-        cs.subs.push(Sub { repo, member: rp.members.len() as u32, exp });
-        rp.members.push(Member { conn, user: user.into(), slot });
+        cs.subs.push(Sub {
+            repo,
+            member: rp.members.len() as u32,
+            exp,
+        });
+        rp.members.push(Member {
+            conn,
+            user: user.into(),
+            slot,
+        });
         self.total += 1;
         true
     }
@@ -96,7 +108,11 @@ impl Subs {
         let Some(&repo) = self.ids.get(repo_id) else {
             return false;
         };
-        let Some(slot) = self.conns.get(conn).and_then(|cs| cs.subs.iter().position(|s| s.repo == repo)) else {
+        let Some(slot) = self
+            .conns
+            .get(conn)
+            .and_then(|cs| cs.subs.iter().position(|s| s.repo == repo))
+        else {
             return false;
         };
         self.remove_slot(conn, slot);
@@ -105,8 +121,11 @@ impl Subs {
 
     /// Removes every subscription of `conn` (on close).
     pub fn remove_conn(&mut self, conn: ConnKey) {
-        while self.conns.get(conn).is_some_and(|cs| !cs.subs.is_empty()) {
-            let last = self.conns[conn].subs.len() - 1;
+        while let Some(last) = self
+            .conns
+            .get(conn)
+            .and_then(|cs| cs.subs.len().checked_sub(1))
+        {
             self.remove_slot(conn, last);
         }
         if let Some(cs) = self.conns.get_mut(conn) {
@@ -125,7 +144,12 @@ impl Subs {
             return expired;
         }
         let mut slot = 0;
-        while let Some(sub) = self.conns[conn].subs.get(slot).copied() {
+        while let Some(sub) = self
+            .conns
+            .get(conn)
+            .and_then(|cs| cs.subs.get(slot))
+            .copied()
+        {
             if sub.exp <= now {
                 if let Some(r) = self.repos.get(sub.repo as usize) {
                     expired.push(r.id.clone());
@@ -136,19 +160,26 @@ impl Subs {
                 slot += 1;
             }
         }
-        let cs = &mut self.conns[conn];
-        cs.next_exp = cs.subs.iter().map(|s| s.exp).min().unwrap_or(i64::MAX);
+        if let Some(cs) = self.conns.get_mut(conn) {
+            cs.next_exp = cs.subs.iter().map(|s| s.exp).min().unwrap_or(i64::MAX);
+        }
         expired
     }
 
     /// Whether `conn` has a subscription that may have run out at `now`.
     pub fn has_expired(&self, conn: ConnKey, now: i64) -> bool {
-        self.conns.get(conn).is_some_and(|cs| !cs.subs.is_empty() && cs.next_exp <= now)
+        self.conns
+            .get(conn)
+            .is_some_and(|cs| !cs.subs.is_empty() && cs.next_exp <= now)
     }
 
     /// The subscribers of a library (empty if none).
     pub fn members(&self, repo_id: &str) -> &[Member] {
-        match self.ids.get(repo_id).and_then(|&r| self.repos.get(r as usize)) {
+        match self
+            .ids
+            .get(repo_id)
+            .and_then(|&r| self.repos.get(r as usize))
+        {
             Some(r) => &r.members,
             None => &[],
         }
@@ -164,7 +195,9 @@ impl Subs {
         let Some(&repo) = self.ids.get(repo_id) else {
             return false;
         };
-        self.conns.get(conn).is_some_and(|cs| cs.subs.iter().any(|s| s.repo == repo))
+        self.conns
+            .get(conn)
+            .is_some_and(|cs| cs.subs.iter().any(|s| s.repo == repo))
     }
 
     /// Libraries with at least one subscriber.
@@ -187,7 +220,10 @@ impl Subs {
         let sub = cs.subs.swap_remove(slot);
         // The subscription that moved into `slot` must tell its member where it now is.
         if let Some(moved) = cs.subs.get(slot).copied()
-            && let Some(m) = self.repos.get_mut(moved.repo as usize).and_then(|r| r.members.get_mut(moved.member as usize))
+            && let Some(m) = self
+                .repos
+                .get_mut(moved.repo as usize)
+                .and_then(|r| r.members.get_mut(moved.member as usize))
         {
             m.slot = slot as u32;
         }
@@ -200,7 +236,10 @@ impl Subs {
             repo.members.swap_remove(idx);
             // The member that moved into `idx` must tell its subscription where it now is.
             if let Some(moved) = repo.members.get(idx)
-                && let Some(s) = self.conns.get_mut(moved.conn).and_then(|c| c.subs.get_mut(moved.slot as usize))
+                && let Some(s) = self
+                    .conns
+                    .get_mut(moved.conn)
+                    .and_then(|c| c.subs.get_mut(moved.slot as usize))
             {
                 s.member = idx as u32;
             }
@@ -241,7 +280,11 @@ mod tests {
     use super::*;
 
     fn users(s: &Subs, repo: &str) -> Vec<(ConnKey, String)> {
-        let mut v: Vec<_> = s.members(repo).iter().map(|m| (m.conn, m.user.to_string())).collect();
+        let mut v: Vec<_> = s
+            .members(repo)
+            .iter()
+            .map(|m| (m.conn, m.user.to_string()))
+            .collect();
         v.sort();
         v
     }

@@ -13,7 +13,14 @@ use tungstenite::protocol::WebSocketConfig;
 pub fn check_upgrade(head: &Head) -> Result<String, Vec<u8>> {
     let refuse = |status: u16, reason: &str| {
         let body = format!("{reason}\n");
-        http::plain_with(status, reason, &["Sec-Websocket-Version: 13"], &body, head.keep_alive, false)
+        http::plain_with(
+            status,
+            reason,
+            &["Sec-Websocket-Version: 13"],
+            &body,
+            head.keep_alive,
+            false,
+        )
     };
     if !head.connection_upgrade || !head.upgrade_websocket {
         return Err(refuse(400, "Bad Request"));
@@ -25,17 +32,24 @@ pub fn check_upgrade(head: &Head) -> Result<String, Vec<u8>> {
         return Err(refuse(400, "Bad Request"));
     }
     match head.ws_key.as_deref() {
-        Some(key) if valid_key(key) => Ok(tungstenite::handshake::derive_accept_key(key.as_bytes())),
+        Some(key) if valid_key(key) => {
+            Ok(tungstenite::handshake::derive_accept_key(key.as_bytes()))
+        }
         _ => Err(refuse(400, "Bad Request")),
     }
 }
 
 /// A `Sec-WebSocket-Key` must be base64 of 16 bytes: 22 base64 characters and `==`.
 fn valid_key(key: &str) -> bool {
-    let b = key.as_bytes();
-    b.len() == 24
-        && b[22..] == *b"=="
-        && b[..22].iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+    match key.as_bytes().split_at_checked(22) {
+        Some((body, pad)) => {
+            pad == b"=="
+                && body
+                    .iter()
+                    .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        }
+        None => false,
+    }
 }
 
 /// The 101 answer: no subprotocol, no extensions, whatever the client offered.
@@ -78,7 +92,10 @@ pub enum ClientMsg {
 pub fn parse_client(payload: &[u8]) -> Result<ClientMsg, &'static str> {
     let text = std::str::from_utf8(payload).map_err(|_| "message is not UTF-8")?;
     let top = Object::parse(text).map_err(|_| "message is not a JSON object")?;
-    let kind = top.string("type").map_err(|_| "type is not a string")?.unwrap_or_default();
+    let kind = top
+        .string("type")
+        .map_err(|_| "type is not a string")?
+        .unwrap_or_default();
     let content = top.get("content").ok_or("message has no content")?;
     // Go decodes `"content": null` into an empty request: a no-op, not an error.
     let repos: Vec<&RawValue> = if content.get() == "null" {
@@ -96,9 +113,12 @@ pub fn parse_client(payload: &[u8]) -> Result<ClientMsg, &'static str> {
         "subscribe" => {
             let mut out = Vec::with_capacity(repos.len());
             for raw in repos {
-                let repo = Object::parse(raw.get()).map_err(|_| "a subscribe entry is not an object")?;
+                let repo =
+                    Object::parse(raw.get()).map_err(|_| "a subscribe entry is not an object")?;
                 let id = repo.string("id").map_err(|_| "a repo id is not a string")?;
-                let token = repo.string("jwt_token").map_err(|_| "a jwt_token is not a string")?;
+                let token = repo
+                    .string("jwt_token")
+                    .map_err(|_| "a jwt_token is not a string")?;
                 out.push((id.unwrap_or_default(), token.unwrap_or_default()));
             }
             Ok(ClientMsg::Subscribe(out))
@@ -137,11 +157,19 @@ mod tests {
 
     #[test]
     fn good_upgrade_gets_the_rfc_accept_key() {
-        assert_eq!(check_upgrade(&head(GOOD, "GET")).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
-        let offered = format!("{GOOD}Sec-WebSocket-Protocol: notification.seafile.com\r\nSec-WebSocket-Extensions: permessage-deflate\r\nOrigin: other\r\n");
+        assert_eq!(
+            check_upgrade(&head(GOOD, "GET")).unwrap(),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        let offered = format!(
+            "{GOOD}Sec-WebSocket-Protocol: notification.seafile.com\r\nSec-WebSocket-Extensions: permessage-deflate\r\nOrigin: other\r\n"
+        );
         assert!(check_upgrade(&head(&offered, "GET")).is_ok());
         let r = String::from_utf8(switching_protocols("abc")).unwrap();
-        assert_eq!(r, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: abc\r\n\r\n");
+        assert_eq!(
+            r,
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: abc\r\n\r\n"
+        );
     }
 
     #[test]
@@ -155,7 +183,13 @@ mod tests {
         assert_eq!(status(&head("Connection: Upgrade\r\n", "GET")), "400");
         assert_eq!(status(&head(GOOD, "POST")), "405");
         assert_eq!(status(&head(&GOOD.replace("13", "8"), "GET")), "400");
-        assert_eq!(status(&head(&GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"), "GET")), "400");
+        assert_eq!(
+            status(&head(
+                &GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"),
+                "GET"
+            )),
+            "400"
+        );
         let no_key = GOOD.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
         assert_eq!(status(&head(&no_key, "GET")), "400");
         let r = String::from_utf8(check_upgrade(&head("", "GET")).unwrap_err()).unwrap();
@@ -165,12 +199,24 @@ mod tests {
     #[test]
     fn client_messages() {
         let m = parse_client(br#"{"type":"subscribe","content":{"repos":[{"id":"r1","jwt_token":"t1"},{"id":"r2"}]}}"#);
-        assert_eq!(m, Ok(ClientMsg::Subscribe(vec![("r1".into(), "t1".into()), ("r2".into(), String::new())])));
+        assert_eq!(
+            m,
+            Ok(ClientMsg::Subscribe(vec![
+                ("r1".into(), "t1".into()),
+                ("r2".into(), String::new())
+            ]))
+        );
         let m = parse_client(br#"{"type":"unsubscribe","content":{"repos":[{"id":"r1"},"r2"]}}"#);
-        assert_eq!(m, Ok(ClientMsg::Unsubscribe(vec!["r1".into(), "r2".into()])));
+        assert_eq!(
+            m,
+            Ok(ClientMsg::Unsubscribe(vec!["r1".into(), "r2".into()]))
+        );
         let m = parse_client(br#"{"Type":"subscribe","Content":{"Repos":null,"x":1},"y":2}"#);
         assert_eq!(m, Ok(ClientMsg::Subscribe(vec![])));
-        assert_eq!(parse_client(br#"{"type":"subscribe","content":null}"#), Ok(ClientMsg::Subscribe(vec![])));
+        assert_eq!(
+            parse_client(br#"{"type":"subscribe","content":null}"#),
+            Ok(ClientMsg::Subscribe(vec![]))
+        );
     }
 
     #[test]
@@ -187,7 +233,11 @@ mod tests {
             br#"{"type":"unsubscribe","content":{"repos":[5]}}"#,
             br#"[]"#,
         ] {
-            assert!(parse_client(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_client(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -28,7 +28,11 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new() -> TempDir {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("ns-test-{}-{n}-{}", std::process::id(), now_nanos()));
+        let dir = std::env::temp_dir().join(format!(
+            "ns-test-{}-{n}-{}",
+            std::process::id(),
+            now_nanos()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
@@ -44,11 +48,17 @@ impl Drop for TempDir {
 }
 
 fn now_nanos() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 pub fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 /// Log lines captured from the server's stderr, with a condition variable to wait on.
@@ -77,7 +87,11 @@ impl Logs {
     }
 
     pub fn contains(&self, needle: &str) -> bool {
-        self.lines.lock().unwrap().iter().any(|l| l.contains(needle))
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
     }
 }
 
@@ -91,7 +105,9 @@ pub struct Server {
 
 /// The config file every test server gets, plus `extra` lines in `[notification]`.
 pub fn config_text(extra: &str) -> String {
-    format!("[notification]\nhost = 127.0.0.1\nport = 0\nlog_level = debug\njwt_private_key = {KEY}\n{extra}\n")
+    format!(
+        "[notification]\nhost = 127.0.0.1\nport = 0\nlog_level = debug\njwt_private_key = {KEY}\n{extra}\n"
+    )
 }
 
 impl Server {
@@ -106,14 +122,32 @@ impl Server {
     /// for its listening line.
     pub fn start_in(dir: TempDir, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = binary();
-        cmd.arg("-c").arg(dir.path()).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        cmd.env_remove("JWT_PRIVATE_KEY").env_remove("SEAFILE_LOG_TO_STDOUT");
+        cmd.arg("-c")
+            .arg(dir.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.env_remove("JWT_PRIVATE_KEY")
+            .env_remove("SEAFILE_LOG_TO_STDOUT");
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("start notification-server");
         let logs = Arc::new(Logs::default());
-        for pipe in [child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>), child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)].into_iter().flatten() {
+        for pipe in [
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
             let logs = logs.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines() {
@@ -128,8 +162,19 @@ impl Server {
             let _ = child.kill();
             panic!("server did not start; output: {:#?}", logs.all());
         };
-        let addr = line.rsplit("listening on ").next().unwrap().trim().parse().unwrap();
-        Server { child, addr, logs, dir }
+        let addr = line
+            .rsplit("listening on ")
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        Server {
+            child,
+            addr,
+            logs,
+            dir,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -156,7 +201,8 @@ impl Server {
 
     /// Resident memory of the server process, in KiB.
     pub fn rss_kb(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -171,13 +217,20 @@ impl Server {
 
     /// POSTs an event with a valid sender token; asserts the 200.
     pub fn post(&self, body: &Value) {
-        let r = post_event(self.addr, &body.to_string(), Some(&format!("Token {}", event_token())));
+        let r = post_event(
+            self.addr,
+            &body.to_string(),
+            Some(&format!("Token {}", event_token())),
+        );
         assert_eq!(r.status, 200, "event refused: {r:?}");
     }
 
     /// Asserts the server still answers /ping.
     pub fn assert_alive(&self) {
-        let r = request(self.addr, b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let r = request(
+            self.addr,
+            b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
         assert_eq!(r.status, 200);
     }
 }
@@ -260,8 +313,15 @@ pub fn read_response(s: &mut TcpStream, head_only: bool) -> Option<Response> {
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (status_line, head) = text.split_once("\r\n").unwrap();
     let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
-    let mut r = Response { status, head: head.trim_end().to_string(), body: Vec::new() };
-    let len: usize = r.header("content-length").map(|v| v.parse().unwrap()).unwrap_or(0);
+    let mut r = Response {
+        status,
+        head: head.trim_end().to_string(),
+        body: Vec::new(),
+    };
+    let len: usize = r
+        .header("content-length")
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(0);
     if !head_only && status != 101 && status != 100 {
         r.body = vec![0; len];
         s.read_exact(&mut r.body).ok()?;
@@ -283,14 +343,23 @@ pub fn closed_by_server(s: &mut TcpStream) -> bool {
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
             Err(_) => return true,
         }
     }
 }
 
 pub fn post_event(addr: SocketAddr, body: &str, authorization: Option<&str>) -> Response {
-    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
     let raw = format!(
         "POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
         body.len()
@@ -320,7 +389,10 @@ impl Ws {
 
     /// Sends one subscribe message for these (repo, token) pairs.
     pub fn subscribe_many(&mut self, repos: &[(&str, &str)]) {
-        let list: Vec<Value> = repos.iter().map(|(id, t)| json!({"id": id, "jwt_token": t})).collect();
+        let list: Vec<Value> = repos
+            .iter()
+            .map(|(id, t)| json!({"id": id, "jwt_token": t}))
+            .collect();
         self.send_json(&json!({"type": "subscribe", "content": {"repos": list}}));
     }
 
@@ -330,13 +402,9 @@ impl Ws {
         self.probes += 1;
         let probe = format!("probe-{}", self.probes);
         self.subscribe_many(&[(&probe, "bad")]);
-        loop {
-            let m = self.recv().expect("no answer to the sync probe");
-            if m["type"] == "jwt-expired" && m["content"]["repo_id"] == probe.as_str() {
-                return;
-            }
-            panic!("unexpected message while syncing: {m}");
-        }
+        let m = self.recv().expect("no answer to the sync probe");
+        let answered = m["type"] == "jwt-expired" && m["content"]["repo_id"] == probe.as_str();
+        assert!(answered, "unexpected message while syncing: {m}");
     }
 
     /// Subscribes with a valid token for `user` and waits until it is in place.
