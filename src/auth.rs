@@ -85,14 +85,11 @@ impl Verifier {
 
     /// Verifies the signature and returns the claims, with `exp` and `nbf` checked.
     fn claims(&self, token: &str, now: i64) -> Result<Map<String, Value>, TokenError> {
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
-            .map_err(|e| {
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::InvalidSignature => TokenError::Signature,
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                    TokenError::Algorithm
-                }
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => TokenError::Algorithm,
                 _ => TokenError::Malformed,
             }
         })?;
@@ -156,10 +153,7 @@ fn claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
 /// Picks the event token out of the request headers: the second space-separated word of
 /// `Authorization` (any scheme word, as the official server splits on single spaces), or
 /// else the whole `Seafile-Repo-Token` header that 10/11 Go fileservers send.
-pub fn event_token<'a>(
-    authorization: Option<&'a str>,
-    seafile_repo_token: Option<&'a str>,
-) -> Option<&'a str> {
+pub fn event_token<'a>(authorization: Option<&'a str>, seafile_repo_token: Option<&'a str>) -> Option<&'a str> {
     match authorization {
         Some(auth) => auth.split(' ').nth(1).filter(|t| !t.is_empty()),
         None => seafile_repo_token.map(str::trim).filter(|t| !t.is_empty()),
@@ -192,29 +186,17 @@ pub(crate) mod tests {
         let v = verifier();
         // seaf-server: exp only; Go fileserver 12+: with repo_id and empty username;
         // 10/11 fileserver: capital Exp.
+        assert_eq!(v.verify_event(&hs256(json!({"exp": NOW + 300})), NOW), Ok(()));
         assert_eq!(
-            v.verify_event(&hs256(json!({"exp": NOW + 300})), NOW),
+            v.verify_event(&hs256(json!({"exp": NOW + 1, "repo_id": "r", "username": ""})), NOW),
             Ok(())
         );
         assert_eq!(
-            v.verify_event(
-                &hs256(json!({"exp": NOW + 1, "repo_id": "r", "username": ""})),
-                NOW
-            ),
-            Ok(())
-        );
-        assert_eq!(
-            v.verify_event(
-                &hs256(json!({"Exp": NOW + 1, "repo_id": "r", "username": ""})),
-                NOW
-            ),
+            v.verify_event(&hs256(json!({"Exp": NOW + 1, "repo_id": "r", "username": ""})), NOW),
             Ok(())
         );
         for alg in [Algorithm::HS384, Algorithm::HS512] {
-            assert_eq!(
-                v.verify_event(&sign(alg, &json!({"exp": NOW + 1}), KEY), NOW),
-                Ok(())
-            );
+            assert_eq!(v.verify_event(&sign(alg, &json!({"exp": NOW + 1}), KEY), NOW), Ok(()));
         }
     }
 
@@ -227,14 +209,8 @@ pub(crate) mod tests {
             (hs256(json!({"exp": 1.9e9})), TokenError::Expired),
             (hs256(json!({"exp": 1_900_000_000.5})), TokenError::Expired),
             (hs256(json!({"exp": "1900000000"})), TokenError::Expired),
-            (
-                hs256(json!({"exp": NOW + 9, "nbf": NOW + 5})),
-                TokenError::NotYetValid,
-            ),
-            (
-                hs256(json!({"exp": NOW + 9, "nbf": "x"})),
-                TokenError::NotYetValid,
-            ),
+            (hs256(json!({"exp": NOW + 9, "nbf": NOW + 5})), TokenError::NotYetValid),
+            (hs256(json!({"exp": NOW + 9, "nbf": "x"})), TokenError::NotYetValid),
             (
                 hs256(json!({"exp": NOW + 9, "username": "alice", "repo_id": "r"})),
                 TokenError::ClientTokenOnEvents,
@@ -243,10 +219,7 @@ pub(crate) mod tests {
                 hs256(json!({"exp": NOW + 9, "Username": "alice"})),
                 TokenError::ClientTokenOnEvents,
             ),
-            (
-                hs256(json!({"exp": NOW + 9, "username": 7})),
-                TokenError::BadClaim,
-            ),
+            (hs256(json!({"exp": NOW + 9, "username": 7})), TokenError::BadClaim),
             (
                 sign(Algorithm::HS256, &json!({"exp": NOW + 9}), b"other"),
                 TokenError::Signature,
@@ -257,10 +230,7 @@ pub(crate) mod tests {
         for (token, want) in cases {
             assert_eq!(v.verify_event(&token, NOW), Err(want), "{token}");
         }
-        assert_eq!(
-            v.verify_event(&hs256(json!({"exp": NOW + 9, "nbf": NOW})), NOW),
-            Ok(())
-        );
+        assert_eq!(v.verify_event(&hs256(json!({"exp": NOW + 9, "nbf": NOW})), NOW), Ok(()));
     }
 
     #[test]
@@ -286,11 +256,7 @@ pub(crate) mod tests {
         const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();
         for chunk in input.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
+            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for i in 0..=chunk.len() {
                 out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -311,10 +277,7 @@ pub(crate) mod tests {
             })
         );
         assert_eq!(v.verify_client(&t, "r2", NOW), Err(TokenError::WrongRepo));
-        assert_eq!(
-            v.verify_client(&t, "r1", NOW + 60),
-            Err(TokenError::Expired)
-        );
+        assert_eq!(v.verify_client(&t, "r1", NOW + 60), Err(TokenError::Expired));
         let t = hs256(json!({"Exp": NOW + 60, "repo_id": "r1", "username": "a@b"}));
         assert_eq!(v.verify_client(&t, "r1", NOW).unwrap().exp, NOW + 60);
         let t = hs256(json!({"exp": NOW + 60, "repo_id": "r1"}));

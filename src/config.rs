@@ -67,6 +67,14 @@ pub struct Config {
     /// Time a shutdown (SIGTERM/SIGINT) may take to drain before the process exits
     /// (`shutdown_timeout`, s).
     pub shutdown_timeout: Duration,
+    /// SQLite group database for installs without MySQL (`groupmgr_db`); default
+    /// `<config dir>/../ccnet/GroupMgr/groupmgr.db` when that file exists.
+    pub groupmgr_db: Option<std::path::PathBuf>,
+    /// How long a group's member list is reused before it is looked up again
+    /// (`group_cache_ttl`, s): the most a membership change can go unnoticed.
+    pub group_cache_ttl: Duration,
+    /// Connect and query timeout of one group lookup attempt (`group_lookup_timeout`, s).
+    pub group_lookup_timeout: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -106,6 +114,9 @@ impl Default for Config {
             max_messages_per_wakeup: 64,
             ws_read_buffer_bytes: 256,
             shutdown_timeout: Duration::from_secs(5),
+            groupmgr_db: None,
+            group_cache_ttl: Duration::from_secs(10),
+            group_lookup_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -132,6 +143,7 @@ enum Kind {
     Level,
     Key,
     Seconds,
+    Path,
     /// A count with its smallest allowed value.
     Count(usize),
 }
@@ -142,31 +154,11 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("port", "NOTIFICATION_SERVER_PORT", Kind::Port),
     ("log_level", "NOTIFICATION_SERVER_LOG_LEVEL", Kind::Level),
     ("jwt_private_key", "JWT_PRIVATE_KEY", Kind::Key),
-    (
-        "ping_interval",
-        "NOTIFICATION_SERVER_PING_INTERVAL",
-        Kind::Seconds,
-    ),
-    (
-        "pong_timeout",
-        "NOTIFICATION_SERVER_PONG_TIMEOUT",
-        Kind::Seconds,
-    ),
-    (
-        "max_connections",
-        "NOTIFICATION_SERVER_MAX_CONNECTIONS",
-        Kind::Count(1),
-    ),
-    (
-        "max_head_bytes",
-        "NOTIFICATION_SERVER_MAX_HEAD_BYTES",
-        Kind::Count(256),
-    ),
-    (
-        "max_body_bytes",
-        "NOTIFICATION_SERVER_MAX_BODY_BYTES",
-        Kind::Count(64),
-    ),
+    ("ping_interval", "NOTIFICATION_SERVER_PING_INTERVAL", Kind::Seconds),
+    ("pong_timeout", "NOTIFICATION_SERVER_PONG_TIMEOUT", Kind::Seconds),
+    ("max_connections", "NOTIFICATION_SERVER_MAX_CONNECTIONS", Kind::Count(1)),
+    ("max_head_bytes", "NOTIFICATION_SERVER_MAX_HEAD_BYTES", Kind::Count(256)),
+    ("max_body_bytes", "NOTIFICATION_SERVER_MAX_BODY_BYTES", Kind::Count(64)),
     (
         "http_head_timeout",
         "NOTIFICATION_SERVER_HTTP_HEAD_TIMEOUT",
@@ -192,16 +184,8 @@ const KEYS: &[(&str, &str, Kind)] = &[
         "NOTIFICATION_SERVER_MAX_UNSENT_BYTES",
         Kind::Count(1024),
     ),
-    (
-        "write_timeout",
-        "NOTIFICATION_SERVER_WRITE_TIMEOUT",
-        Kind::Seconds,
-    ),
-    (
-        "close_timeout",
-        "NOTIFICATION_SERVER_CLOSE_TIMEOUT",
-        Kind::Seconds,
-    ),
+    ("write_timeout", "NOTIFICATION_SERVER_WRITE_TIMEOUT", Kind::Seconds),
+    ("close_timeout", "NOTIFICATION_SERVER_CLOSE_TIMEOUT", Kind::Seconds),
     (
         "max_messages_per_wakeup",
         "NOTIFICATION_SERVER_MAX_MESSAGES_PER_WAKEUP",
@@ -217,6 +201,13 @@ const KEYS: &[(&str, &str, Kind)] = &[
         "NOTIFICATION_SERVER_SHUTDOWN_TIMEOUT",
         Kind::Seconds,
     ),
+    ("groupmgr_db", "NOTIFICATION_SERVER_GROUPMGR_DB", Kind::Path),
+    ("group_cache_ttl", "NOTIFICATION_SERVER_GROUP_CACHE_TTL", Kind::Seconds),
+    (
+        "group_lookup_timeout",
+        "NOTIFICATION_SERVER_GROUP_LOOKUP_TIMEOUT",
+        Kind::Seconds,
+    ),
 ];
 
 /// Every `[notification]` key this server understands, with its environment variable.
@@ -227,10 +218,7 @@ pub fn keys() -> impl Iterator<Item = (&'static str, &'static str)> {
 impl Config {
     /// Builds the configuration from the text of seafile.conf (if there is one; `file_name`
     /// is used in messages) and an environment lookup.
-    pub fn load(
-        file: Option<(&str, &str)>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub fn load(file: Option<(&str, &str)>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let mut config = Config::default();
         let section = match file {
             Some((name, text)) => Some((name, parse_section(name, text)?)),
@@ -269,6 +257,7 @@ impl Config {
             }
             Kind::Level => self.log_level = parse_level(value)?,
             Kind::Key => self.jwt_private_key = value.as_bytes().to_vec(),
+            Kind::Path => self.groupmgr_db = Some(value.into()),
             Kind::Seconds => {
                 let d = parse_seconds(value)?;
                 match key {
@@ -279,6 +268,8 @@ impl Config {
                     "write_timeout" => self.write_timeout = d,
                     "close_timeout" => self.close_timeout = d,
                     "shutdown_timeout" => self.shutdown_timeout = d,
+                    "group_cache_ttl" => self.group_cache_ttl = d,
+                    "group_lookup_timeout" => self.group_lookup_timeout = d,
                     _ => return Err("internal: unknown duration key".into()),
                 }
             }
@@ -309,11 +300,10 @@ impl Config {
     fn validate(&self, file: Option<&str>) -> Result<(), ConfigError> {
         if self.jwt_private_key.is_empty() {
             let hint = match file {
-                Some(name) => format!(
-                    "set [{SECTION}] jwt_private_key in {name} or the JWT_PRIVATE_KEY environment variable"
-                ),
-                None => "no seafile.conf found; set the JWT_PRIVATE_KEY environment variable"
-                    .to_string(),
+                Some(name) => {
+                    format!("set [{SECTION}] jwt_private_key in {name} or the JWT_PRIVATE_KEY environment variable")
+                }
+                None => "no seafile.conf found; set the JWT_PRIVATE_KEY environment variable".to_string(),
             };
             return Err(ConfigError(format!("jwt_private_key: missing: {hint}")));
         }
@@ -356,8 +346,8 @@ fn parse_section(name: &str, text: &str) -> Result<Vec<(String, String)>, Config
         enabled_escape: false,
         ..Default::default()
     };
-    let ini = ini::Ini::load_from_str_opt(text, options)
-        .map_err(|e| ConfigError(format!("{name}: cannot parse: {e}")))?;
+    let ini =
+        ini::Ini::load_from_str_opt(text, options).map_err(|e| ConfigError(format!("{name}: cannot parse: {e}")))?;
     Ok(ini
         .section(Some(SECTION))
         .map(|props| {
@@ -371,11 +361,7 @@ fn parse_section(name: &str, text: &str) -> Result<Vec<(String, String)>, Config
 
 fn lookup<'a>(entries: &'a [(String, String)], key: &str) -> Option<&'a str> {
     // The last occurrence wins, as in GLib's parser.
-    entries
-        .iter()
-        .rev()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
+    entries.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
 /// Parses a level name as the official server (logrus) does, case-insensitively.
@@ -401,9 +387,7 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{value:?} is not a number of seconds"))?;
     if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
-        return Err(format!(
-            "{value:?} must be more than 0 and at most 86400 seconds"
-        ));
+        return Err(format!("{value:?} must be more than 0 and at most 86400 seconds"));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -472,18 +456,13 @@ mod tests {
         );
         let e = load("[notification]\nport = 1\n").unwrap_err();
         assert!(
-            e.0.starts_with(
-                "jwt_private_key: missing: set [notification] jwt_private_key in /c/seafile.conf"
-            ),
+            e.0.starts_with("jwt_private_key: missing: set [notification] jwt_private_key in /c/seafile.conf"),
             "{e}"
         );
         let e = load("[notification]\njwt_private_key=k\nping_interval = 0\n").unwrap_err();
         assert!(e.0.contains("ping_interval"), "{e}");
         let e = load("[notification]\njwt_private_key=k\nmax_connections = -1\n").unwrap_err();
-        assert!(
-            e.0.contains("max_connections: \"-1\" is not a whole number"),
-            "{e}"
-        );
+        assert!(e.0.contains("max_connections: \"-1\" is not a whole number"), "{e}");
         let env = |k: &str| (k == "NOTIFICATION_SERVER_PORT").then(|| "x".to_string());
         let e = Config::load(Some(("f", "[notification]\njwt_private_key=k\n")), &env).unwrap_err();
         assert!(
@@ -494,12 +473,9 @@ mod tests {
 
     #[test]
     fn cross_key_rules() {
-        let e = load("[notification]\njwt_private_key=k\nping_interval=5\npong_timeout=5\n")
-            .unwrap_err();
+        let e = load("[notification]\njwt_private_key=k\nping_interval=5\npong_timeout=5\n").unwrap_err();
         assert!(e.0.starts_with("pong_timeout:"), "{e}");
-        let e =
-            load("[notification]\njwt_private_key=k\nmax_body_bytes=5000\nmax_unsent_bytes=4000\n")
-                .unwrap_err();
+        let e = load("[notification]\njwt_private_key=k\nmax_body_bytes=5000\nmax_unsent_bytes=4000\n").unwrap_err();
         assert!(e.0.starts_with("max_unsent_bytes:"), "{e}");
     }
 
@@ -514,8 +490,7 @@ mod tests {
 
     #[test]
     fn other_sections_and_unknown_keys_are_ignored() {
-        let c = load("[database]\nport = x\n[notification]\njwt_private_key=k\nenabled = true\n")
-            .unwrap();
+        let c = load("[database]\nport = x\n[notification]\njwt_private_key=k\nenabled = true\n").unwrap();
         assert_eq!(c.port, 8083);
     }
 

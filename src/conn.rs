@@ -90,12 +90,8 @@ impl std::fmt::Display for Reason {
             Reason::HttpTimeout { idle: true } => f.write_str("idle keep-alive timeout"),
             Reason::HttpTimeout { idle: false } => f.write_str("request not complete in time"),
             Reason::PongTimeout => f.write_str("pong timeout: nothing heard from the client"),
-            Reason::SlowConsumerBytes => {
-                f.write_str("slow consumer: unsent output over max_unsent_bytes")
-            }
-            Reason::SlowConsumerTime => {
-                f.write_str("slow consumer: output unsent for longer than write_timeout")
-            }
+            Reason::SlowConsumerBytes => f.write_str("slow consumer: unsent output over max_unsent_bytes"),
+            Reason::SlowConsumerTime => f.write_str("slow consumer: output unsent for longer than write_timeout"),
             Reason::Protocol(why) => write!(f, "protocol error: {why}"),
             Reason::CloseHandshake => f.write_str("close handshake finished or timed out"),
             Reason::Shutdown => f.write_str("server shutting down"),
@@ -181,12 +177,7 @@ impl HttpConn {
     /// Reads what the socket has, answers every complete request in order and writes the
     /// answers. Accepted events are pushed to `events`, after their 200 was written (or
     /// queued, if the socket is full): `/events` is answered before any fan-out.
-    pub fn on_ready(
-        &mut self,
-        ctx: &Ctx,
-        events: &mut Vec<Event>,
-        tally: &mut HttpTally,
-    ) -> HttpStep {
+    pub fn on_ready(&mut self, ctx: &Ctx, events: &mut Vec<Event>, tally: &mut HttpTally) -> HttpStep {
         let cap = ctx.config.max_head_bytes + ctx.config.max_body_bytes;
         loop {
             if self.close_after_write.is_some() || self.upgrade_after_write {
@@ -213,8 +204,7 @@ impl HttpConn {
                             self.idle = false;
                             self.deadline = ctx.now + ms(ctx.config.http_head_timeout);
                         }
-                        self.inbuf
-                            .extend_from_slice(chunk.get(..n).unwrap_or_default());
+                        self.inbuf.extend_from_slice(chunk.get(..n).unwrap_or_default());
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         drained = true;
@@ -242,15 +232,8 @@ impl HttpConn {
 
     /// Answers every complete request in the buffer.
     fn handle_requests(&mut self, ctx: &Ctx, events: &mut Vec<Event>, tally: &mut HttpTally) {
-        while self.close_after_write.is_none()
-            && !self.upgrade_after_write
-            && !self.inbuf.is_empty()
-        {
-            let head = match http::parse_head(
-                &self.inbuf,
-                ctx.config.max_head_bytes,
-                ctx.config.max_body_bytes,
-            ) {
+        while self.close_after_write.is_none() && !self.upgrade_after_write && !self.inbuf.is_empty() {
+            let head = match http::parse_head(&self.inbuf, ctx.config.max_head_bytes, ctx.config.max_body_bytes) {
                 Ok(Some(head)) => head,
                 Ok(None) => return,
                 Err(reject) => {
@@ -286,34 +269,20 @@ impl HttpConn {
         }
     }
 
-    fn respond(
-        &mut self,
-        head: &Head,
-        total: usize,
-        ctx: &Ctx,
-        events: &mut Vec<Event>,
-        tally: &mut HttpTally,
-    ) {
+    fn respond(&mut self, head: &Head, total: usize, ctx: &Ctx, events: &mut Vec<Event>, tally: &mut HttpTally) {
         let head_only = head.method == "HEAD";
         let keep = head.keep_alive;
         match head.route {
             Some(Route::Ping) => self.out.extend_from_slice(&http::pong(keep, head_only)),
             Some(Route::Events) => {
-                let token = auth::event_token(
-                    head.authorization.as_deref(),
-                    head.seafile_repo_token.as_deref(),
-                );
+                let token = auth::event_token(head.authorization.as_deref(), head.seafile_repo_token.as_deref());
                 let verdict = match token {
                     Some(t) => ctx.verifier.verify_event(t, ctx.unix_now),
                     None => Err(auth::TokenError::Malformed),
                 };
                 if let Err(e) = verdict {
                     tally.token_rejections += 1;
-                    log::warn!(
-                        "refused event from {}: bad token ({})",
-                        self.peer,
-                        e.label()
-                    );
+                    log::warn!("refused event from {}: bad token ({})", self.peer, e.label());
                     self.out.extend_from_slice(&http::token_mismatch(keep));
                     return;
                 }
@@ -327,10 +296,7 @@ impl HttpConn {
                         self.out.extend_from_slice(&http::ok_empty(keep));
                     }
                     Parsed::Invalid => {
-                        log::info!(
-                            "event body from {} is not a JSON object with a string type",
-                            self.peer
-                        );
+                        log::info!("event body from {} is not a JSON object with a string type", self.peer);
                         self.out.extend_from_slice(&http::bad_event_body(keep));
                     }
                 }
@@ -341,8 +307,7 @@ impl HttpConn {
                     self.close_after_write = Some(Reason::Shutdown);
                 }
                 Ok(accept) => {
-                    self.out
-                        .extend_from_slice(&ws::switching_protocols(&accept));
+                    self.out.extend_from_slice(&ws::switching_protocols(&accept));
                     self.upgrade_after_write = true;
                     self.forwarded_for = head.x_forwarded_for.as_deref().map(Box::from);
                 }
@@ -351,9 +316,7 @@ impl HttpConn {
                     self.out.extend_from_slice(&refusal);
                 }
             },
-            Some(Route::NotFound) | None => self
-                .out
-                .extend_from_slice(&http::not_found(keep, head_only)),
+            Some(Route::NotFound) | None => self.out.extend_from_slice(&http::not_found(keep, head_only)),
         }
     }
 
@@ -394,12 +357,7 @@ impl HttpConn {
     /// Turns the connection into a websocket; bytes that followed the upgrade request
     /// are the first websocket bytes.
     pub fn into_ws(self, now: Millis, config: &Config) -> WsConn {
-        let ws = WebSocket::from_partially_read(
-            self.stream,
-            self.inbuf,
-            Role::Server,
-            Some(ws::socket_config(config)),
-        );
+        let ws = WebSocket::from_partially_read(self.stream, self.inbuf, Role::Server, Some(ws::socket_config(config)));
         WsConn {
             ws,
             peer: self.peer,
@@ -492,9 +450,7 @@ impl WsConn {
                         Reason::PeerClosed
                     });
                 }
-                Err(tungstenite::Error::Protocol(
-                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-                )) => {
+                Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)) => {
                     return WsRead::Close(Reason::PeerClosed);
                 }
                 Err(tungstenite::Error::Capacity(e)) => {
@@ -648,9 +604,6 @@ mod tests {
     fn reason_labels_and_levels() {
         assert!(Reason::SlowConsumerBytes.is_warning());
         assert!(!Reason::PeerClosed.is_warning());
-        assert_eq!(
-            Reason::HttpTimeout { idle: true }.label(),
-            "http_idle_timeout"
-        );
+        assert_eq!(Reason::HttpTimeout { idle: true }.label(), "http_idle_timeout");
     }
 }

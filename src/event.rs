@@ -91,16 +91,10 @@ pub fn parse(body: &[u8]) -> Parsed {
         return Parsed::Ignored(format!("{} event without content", kind.name()));
     };
     let Ok(content) = Object::parse(raw_content.get()) else {
-        return Parsed::Ignored(format!(
-            "{} event whose content is not an object",
-            kind.name()
-        ));
+        return Parsed::Ignored(format!("{} event whose content is not an object", kind.name()));
     };
     let Ok(repo_id) = content.string("repo_id") else {
-        return Parsed::Ignored(format!(
-            "{} event whose repo_id is not a string",
-            kind.name()
-        ));
+        return Parsed::Ignored(format!("{} event whose repo_id is not a string", kind.name()));
     };
     let repo_id = repo_id.unwrap_or_default();
     if repo_id.is_empty() {
@@ -130,9 +124,7 @@ pub fn parse(body: &[u8]) -> Parsed {
 /// The audience rule of the official server: a named user, else a group unless it is -1
 /// (a missing group is group 0, as Go's zero value), else everyone.
 fn folder_perm_audience(content: &Object) -> Result<Audience, &'static str> {
-    let user = content
-        .string("user")
-        .map_err(|_| "a user that is not a string")?;
+    let user = content.string("user").map_err(|_| "a user that is not a string")?;
     if let Some(user) = user.filter(|u| !u.is_empty()) {
         return Ok(Audience::User(user));
     }
@@ -170,9 +162,8 @@ mod tests {
 
     #[test]
     fn repo_update_is_forwarded_compact_with_every_field() {
-        let e = event(
-            r#"{"type": "repo-update", "content": {"repo_id": "r1", "commit_id": "c", "extra": {"a": [1, 2]}}}"#,
-        );
+        let e =
+            event(r#"{"type": "repo-update", "content": {"repo_id": "r1", "commit_id": "c", "extra": {"a": [1, 2]}}}"#);
         assert_eq!(e.kind, Kind::RepoUpdate);
         assert_eq!(e.repo_id, "r1");
         assert_eq!(e.audience, Audience::All);
@@ -202,23 +193,11 @@ mod tests {
             event(&base(r#","user":"a@b","group":-1"#)).audience,
             Audience::User("a@b".into())
         );
-        assert_eq!(
-            event(&base(r#","user":"","group":7"#)).audience,
-            Audience::Group(7)
-        );
-        assert_eq!(
-            event(&base(r#","user":"","group":-1"#)).audience,
-            Audience::All
-        );
+        assert_eq!(event(&base(r#","user":"","group":7"#)).audience, Audience::Group(7));
+        assert_eq!(event(&base(r#","user":"","group":-1"#)).audience, Audience::All);
         assert_eq!(event(&base(r#","user":"""#)).audience, Audience::Group(0));
-        assert!(matches!(
-            parse(base(r#","user":5"#).as_bytes()),
-            Parsed::Ignored(_)
-        ));
-        assert!(matches!(
-            parse(base(r#","group":1.5"#).as_bytes()),
-            Parsed::Ignored(_)
-        ));
+        assert!(matches!(parse(base(r#","user":5"#).as_bytes()), Parsed::Ignored(_)));
+        assert!(matches!(parse(base(r#","group":1.5"#).as_bytes()), Parsed::Ignored(_)));
     }
 
     #[test]

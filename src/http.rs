@@ -81,13 +81,7 @@ impl Reject {
                 false,
                 false,
             ),
-            Reject::BodyTooLarge => plain(
-                413,
-                "Content Too Large",
-                "request body too large\n",
-                false,
-                false,
-            ),
+            Reject::BodyTooLarge => plain(413, "Content Too Large", "request body too large\n", false, false),
             Reject::Chunked => plain(
                 501,
                 "Not Implemented",
@@ -136,9 +130,7 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
     let mut connection_close = false;
     let mut connection_keep_alive = false;
     for h in req.headers.iter() {
-        let value = std::str::from_utf8(h.value)
-            .map_err(|_| Reject::Malformed)?
-            .trim();
+        let value = std::str::from_utf8(h.value).map_err(|_| Reject::Malformed)?.trim();
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
             let n: usize = value.parse().map_err(|_| Reject::Malformed)?;
@@ -155,9 +147,7 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
                 head.connection_upgrade |= token.eq_ignore_ascii_case("upgrade");
             }
         } else if name.eq_ignore_ascii_case("upgrade") {
-            head.upgrade_websocket |= value
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
+            head.upgrade_websocket |= value.split(',').any(|t| t.trim().eq_ignore_ascii_case("websocket"));
         } else if name.eq_ignore_ascii_case("expect") {
             head.expect_continue = value.eq_ignore_ascii_case("100-continue");
         } else if name.eq_ignore_ascii_case("authorization") {
@@ -210,13 +200,7 @@ pub fn ok_empty(keep_alive: bool) -> Vec<u8> {
 
 /// 400 for a missing or bad event token, with the official body.
 pub fn token_mismatch(keep_alive: bool) -> Vec<u8> {
-    plain(
-        400,
-        "Bad Request",
-        "Notification token not match\n",
-        keep_alive,
-        false,
-    )
+    plain(400, "Bad Request", "Notification token not match\n", keep_alive, false)
 }
 
 /// 500 for an event body that is not a JSON object, with the official (empty) message.
@@ -226,24 +210,12 @@ pub fn bad_event_body(keep_alive: bool) -> Vec<u8> {
 
 /// 404 with Go's body.
 pub fn not_found(keep_alive: bool, head_only: bool) -> Vec<u8> {
-    plain(
-        404,
-        "Not Found",
-        "404 page not found\n",
-        keep_alive,
-        head_only,
-    )
+    plain(404, "Not Found", "404 page not found\n", keep_alive, head_only)
 }
 
 /// 503 when the server is draining for shutdown.
 pub fn unavailable() -> Vec<u8> {
-    plain(
-        503,
-        "Service Unavailable",
-        "server is shutting down\n",
-        false,
-        false,
-    )
+    plain(503, "Service Unavailable", "server is shutting down\n", false, false)
 }
 
 /// A `text/plain` response in the form Go's `http.Error` writes.
@@ -252,14 +224,7 @@ pub fn plain(status: u16, reason: &str, body: &str, keep_alive: bool, head_only:
 }
 
 /// Like [`plain`], with extra header lines (`"Name: value"`).
-pub fn plain_with(
-    status: u16,
-    reason: &str,
-    extra: &[&str],
-    body: &str,
-    keep_alive: bool,
-    head_only: bool,
-) -> Vec<u8> {
+pub fn plain_with(status: u16, reason: &str, extra: &[&str], body: &str, keep_alive: bool, head_only: bool) -> Vec<u8> {
     let mut r = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\n",
         body.len()
@@ -348,9 +313,7 @@ mod tests {
         assert_eq!(parse(&big), Err(Reject::HeadTooLarge));
         let big = format!("GET /ping HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(2000));
         assert_eq!(parse(&big), Err(Reject::HeadTooLarge));
-        let many: String = (0..MAX_HEADERS + 1)
-            .map(|i| format!("H{i}: v\r\n"))
-            .collect();
+        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("H{i}: v\r\n")).collect();
         assert_eq!(
             parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
             Err(Reject::HeadTooLarge)
@@ -374,11 +337,7 @@ mod tests {
             "POST /events HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "POST /events HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
         ] {
-            assert_eq!(
-                parse_head(s.as_bytes(), 1024, 100),
-                Err(Reject::Malformed),
-                "{s:?}"
-            );
+            assert_eq!(parse_head(s.as_bytes(), 1024, 100), Err(Reject::Malformed), "{s:?}");
         }
         assert_eq!(
             parse_head(b"GET /ping HTTP/1.1\r\nX: \xff\r\n\r\n", 1024, 100),
@@ -394,23 +353,11 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 16\r\n\r\n{\"ret\": \"pong\"}\n"
         );
         let p = String::from_utf8(pong(false, true)).unwrap();
-        assert!(
-            p.ends_with("Content-Length: 16\r\nConnection: close\r\n\r\n"),
-            "{p}"
-        );
+        assert!(p.ends_with("Content-Length: 16\r\nConnection: close\r\n\r\n"), "{p}");
         let n = String::from_utf8(not_found(true, false)).unwrap();
-        assert!(
-            n.starts_with("HTTP/1.1 404 Not Found\r\n")
-                && n.ends_with("\r\n\r\n404 page not found\n")
-        );
-        assert_eq!(
-            ok_empty(true),
-            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
-        );
+        assert!(n.starts_with("HTTP/1.1 404 Not Found\r\n") && n.ends_with("\r\n\r\n404 page not found\n"));
+        assert_eq!(ok_empty(true), b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
         let t = String::from_utf8(token_mismatch(true)).unwrap();
-        assert!(
-            t.contains("X-Content-Type-Options: nosniff\r\n")
-                && t.ends_with("Notification token not match\n")
-        );
+        assert!(t.contains("X-Content-Type-Options: nosniff\r\n") && t.ends_with("Notification token not match\n"));
     }
 }

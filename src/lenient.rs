@@ -28,12 +28,7 @@ impl<'a> Object<'a> {
     pub fn get(&self, name: &str) -> Option<&'a RawValue> {
         let exact = self.0.iter().rev().find(|(k, _)| k == name);
         exact
-            .or_else(|| {
-                self.0
-                    .iter()
-                    .rev()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            })
+            .or_else(|| self.0.iter().rev().find(|(k, _)| k.eq_ignore_ascii_case(name)))
             .map(|(_, v)| *v)
     }
 

@@ -14,24 +14,21 @@
 //! - [`event`]: `/events` bodies, audiences and the shared outbound frame;
 //! - [`auth`]: event and client token verification against an injected clock;
 //! - [`subs`]: the two-way subscription index;
+//! - [`groups`]: group membership lookups (MySQL, SQLite) on a helper thread;
 //! - [`lenient`]: Go-compatible lenient JSON object access.
 
 // Nothing that input can reach may panic: these lints keep unwraps, expects, explicit
 // panics and unchecked indexing out of the server (tests may use them).
 #![cfg_attr(
     not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
 )]
 
 pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod event;
+pub mod groups;
 pub mod http;
 pub mod lenient;
 pub mod logging;

@@ -47,16 +47,8 @@ impl log::Log for Logger {
             log::Level::Debug => "DEBUG",
             log::Level::Trace => "TRACE",
         };
-        let prefix = if self.to_stdout {
-            "[notification-server] "
-        } else {
-            ""
-        };
-        let line = format!(
-            "{prefix}[{}] [{level}] {}\n",
-            local_timestamp(),
-            record.args()
-        );
+        let prefix = if self.to_stdout { "[notification-server] " } else { "" };
+        let line = format!("{prefix}[{}] [{level}] {}\n", local_timestamp(), record.args());
         // One write call per line, so lines from the helper threads never interleave.
         let _ = if self.to_stdout {
             std::io::stdout().lock().write_all(line.as_bytes())

@@ -1,6 +1,7 @@
 //! `notification-server`: command line, configuration, logging, bind, run, exit code.
 
 use notification_server::config::Config;
+use notification_server::groups::{self, Backend};
 use notification_server::logging::{self, Target};
 use notification_server::server::Server;
 use std::os::fd::AsRawFd;
@@ -47,10 +48,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
             Some((n, v)) if n.starts_with('-') => (n.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let name = name
-            .strip_prefix("--")
-            .map(|n| format!("-{n}"))
-            .unwrap_or(name);
+        let name = name.strip_prefix("--").map(|n| format!("-{n}")).unwrap_or(name);
         let mut value = |flag: &str| match inline.clone().or_else(|| args.next()) {
             Some(v) => Ok(v),
             None => Err(format!("flag needs an argument: {flag}")),
@@ -70,8 +68,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
-    let config_dir = config_dir
-        .ok_or_else(|| format!("config directory must be specified with -c\n\n{USAGE}"))?;
+    let config_dir = config_dir.ok_or_else(|| format!("config directory must be specified with -c\n\n{USAGE}"))?;
     Ok(Some(Args {
         config_dir,
         log_file,
@@ -79,20 +76,37 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
     }))
 }
 
-/// Reads `DIR/seafile.conf` if it exists and builds the configuration.
-fn load_config(dir: &Path) -> Result<Config, String> {
+/// Reads a config file if it exists; `Ok(None)` when it does not.
+fn read_optional(path: &Path) -> Result<Option<String>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: cannot read: {e}", path.display())),
+    }
+}
+
+/// Reads `DIR/seafile.conf` and `DIR/ccnet.conf` if they exist and builds the
+/// configuration and the group database settings.
+fn load_config(dir: &Path) -> Result<(Config, Option<Backend>), String> {
     if !dir.is_dir() {
         return Err(format!("config directory {} doesn't exist", dir.display()));
     }
+    let env = |k: &str| std::env::var(k).ok();
     let path = dir.join("seafile.conf");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => Some(t),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
-    };
+    let text = read_optional(&path)?;
     let name = path.display().to_string();
-    let file = text.as_deref().map(|t| (name.as_str(), t));
-    Config::load(file, &|k| std::env::var(k).ok()).map_err(|e| e.to_string())
+    let config = Config::load(text.as_deref().map(|t| (name.as_str(), t)), &env).map_err(|e| e.to_string())?;
+    let ccnet_path = dir.join("ccnet.conf");
+    let ccnet = read_optional(&ccnet_path)?;
+    let ccnet_name = ccnet_path.display().to_string();
+    let backend = groups::choose_backend(
+        ccnet.as_deref().map(|t| (ccnet_name.as_str(), t)),
+        &env,
+        config.groupmgr_db.as_deref(),
+        &groups::default_sqlite_path(dir),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((config, backend))
 }
 
 fn log_target(args: &Args) -> Result<Target, String> {
@@ -104,9 +118,7 @@ fn log_target(args: &Args) -> Result<Target, String> {
         Some(file) => std::path::absolute(file)
             .map(Target::File)
             .map_err(|e| format!("log file {file}: {e}")),
-        None => Ok(Target::File(
-            args.config_dir.join("notification-server.log"),
-        )),
+        None => Ok(Target::File(args.config_dir.join("notification-server.log"))),
     }
 }
 
@@ -119,7 +131,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = match load_config(&args.config_dir) {
+    let (config, groups) = match load_config(&args.config_dir) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("notification-server: config error: {e}");
@@ -127,10 +139,7 @@ fn main() -> ExitCode {
         }
     };
     if args.check_only {
-        println!(
-            "configuration OK: would listen on {}",
-            config.listen_address()
-        );
+        println!("configuration OK: would listen on {}", config.listen_address());
         return ExitCode::SUCCESS;
     }
     let target = match log_target(&args) {
@@ -145,10 +154,7 @@ fn main() -> ExitCode {
     let listener = match std::net::TcpListener::bind(config.listen_address()) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!(
-                "notification-server: cannot listen on {}: {e}",
-                config.listen_address()
-            );
+            eprintln!("notification-server: cannot listen on {}: {e}", config.listen_address());
             return ExitCode::FAILURE;
         }
     };
@@ -158,17 +164,14 @@ fn main() -> ExitCode {
         eprintln!("notification-server: {e}");
         return ExitCode::FAILURE;
     }
-    let server = match Server::new(config, listener) {
+    let server = match Server::new(config, listener, groups) {
         Ok(s) => s,
         Err(e) => {
             log::error!("cannot start: {e}");
             return ExitCode::FAILURE;
         }
     };
-    log::info!(
-        "notification server started, listening on {}",
-        server.local_addr()
-    );
+    log::info!("notification server started, listening on {}", server.local_addr());
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -200,11 +203,6 @@ mod tests {
         assert!(parse(&["-l", "x"]).is_err());
         assert!(parse(&["-c"]).is_err());
         assert!(parse(&["-c", "/d", "--bogus"]).is_err());
-        assert!(
-            parse(&["-c", "/d", "--check-config"])
-                .unwrap()
-                .unwrap()
-                .check_only
-        );
+        assert!(parse(&["-c", "/d", "--check-config"]).unwrap().unwrap().check_only);
     }
 }

@@ -25,6 +25,7 @@ use crate::auth::Verifier;
 use crate::config::Config;
 use crate::conn::{Ctx, HttpConn, HttpStep, HttpTally, Millis, Reason, Sent, WsConn, WsRead, ms};
 use crate::event::{self, Audience, Event};
+use crate::groups::{Backend, Lookups};
 use crate::subs::Subs;
 use crate::ws::ClientMsg;
 use mio::net::TcpListener;
@@ -32,13 +33,24 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 const LISTENER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+
+/// Events held back behind a pending group lookup, over all libraries. Past it, a new
+/// event for a held library is dropped (and counted) rather than queued without bound.
+pub const MAX_HELD_EVENTS: usize = 10_000;
+
+/// Groups whose member lists are cached at once; past it, stale entries are dropped and,
+/// if that is not enough, the whole cache.
+pub const MAX_CACHED_GROUPS: usize = 4096;
 
 /// Readiness events taken per `poll` call.
 const EVENTS_PER_POLL: usize = 1024;
@@ -70,7 +82,31 @@ pub struct Stats {
     pub event_token_rejections: u64,
     pub client_token_rejections: u64,
     pub group_events_dropped: u64,
+    pub group_lookups: u64,
+    pub group_lookup_failures: u64,
+    pub held_events_dropped: u64,
     pub evictions: u64,
+}
+
+/// A group's members, as of `fetched`.
+struct CachedGroup {
+    members: HashSet<Box<str>>,
+    fetched: Millis,
+}
+
+/// Who among a library's subscribers gets an event.
+#[derive(Clone, Copy)]
+enum Filter<'a> {
+    All,
+    User(&'a str),
+    Members(&'a HashSet<Box<str>>),
+}
+
+/// Whether an event went out (or was dropped), or must wait for a group lookup.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    Wait,
 }
 
 /// The server. Build it with an already-bound listener (so tests can bind port 0), then
@@ -96,6 +132,20 @@ pub struct Server {
     signals: Signals,
     /// Set while draining for shutdown: the time by which the process exits anyway.
     drain_deadline: Option<Millis>,
+    /// The group lookup helper, if a group database is configured.
+    lookups: Option<Lookups>,
+    /// Kept alive for the helper thread, which wakes the loop through it.
+    _waker: Arc<mio::Waker>,
+    /// Recently looked-up group member lists, reused for `group_cache_ttl`.
+    group_cache: HashMap<i64, CachedGroup>,
+    /// Lookups sent to the helper and not answered yet, with when they were sent.
+    pending_groups: HashMap<i64, Millis>,
+    /// Groups whose lookup just failed; only set while held events are being released.
+    failed_groups: HashSet<i64>,
+    /// Per library, the events held back in arrival order behind a group event whose
+    /// lookup is pending, so that a library's events never overtake one another.
+    held: HashMap<Box<str>, VecDeque<Event>>,
+    held_count: usize,
     /// How often the sweep runs.
     tick: Millis,
     next_tick: Millis,
@@ -104,16 +154,24 @@ pub struct Server {
 
 impl Server {
     /// Prepares the reactor around a bound listener.
-    pub fn new(config: Config, listener: std::net::TcpListener) -> io::Result<Server> {
+    pub fn new(config: Config, listener: std::net::TcpListener, groups: Option<Backend>) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         let mut listener = TcpListener::from_std(listener);
         let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
+        let lookups = match groups {
+            Some(backend) => Some(Lookups::spawn(backend, config.group_lookup_timeout, waker.clone())?),
+            None => {
+                log::warn!(
+                    "no group database configured (ccnet.conf [Database], SEAFILE_MYSQL_DB_* or a groupmgr.db): group-scoped folder permission events will be dropped"
+                );
+                None
+            }
+        };
         // Ticks fine enough for the shortest timer: a quarter of the ping interval, at
         // most 250 ms, which also bounds how late a token expiry is noticed.
         let tick = (ms(config.ping_interval) / 4).clamp(10, 250);
@@ -133,6 +191,13 @@ impl Server {
             accept_pause: None,
             signals,
             drain_deadline: None,
+            lookups,
+            _waker: waker,
+            group_cache: HashMap::new(),
+            pending_groups: HashMap::new(),
+            failed_groups: HashSet::new(),
+            held: HashMap::new(),
+            held_count: 0,
             tick,
             next_tick: tick,
             stats: Stats::default(),
@@ -176,6 +241,7 @@ impl Server {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(now),
+                    WAKER => self.on_lookup_replies(now),
                     SIGNALS => {
                         if self.on_signals(now) {
                             return Ok(());
@@ -199,9 +265,7 @@ impl Server {
             }
             self.flush_dirty(now);
             self.teardown();
-            if self.accept_pause == Some(AcceptPause::AtCapacity)
-                && self.conns.len() < self.config.max_connections
-            {
+            if self.accept_pause == Some(AcceptPause::AtCapacity) && self.conns.len() < self.config.max_connections {
                 self.accept_pause = None;
                 self.accept(now);
                 self.flush_dirty(now);
@@ -246,10 +310,10 @@ impl Server {
                     let _ = stream.set_nodelay(true);
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
-                    if let Err(e) =
-                        self.poll
-                            .registry()
-                            .register(&mut stream, Token(key), Interest::READABLE)
+                    if let Err(e) = self
+                        .poll
+                        .registry()
+                        .register(&mut stream, Token(key), Interest::READABLE)
                     {
                         log::warn!("cannot register connection from {peer}: {e}");
                         continue;
@@ -271,11 +335,7 @@ impl Server {
                     self.accept_pause = Some(AcceptPause::NoDescriptors);
                     return;
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                    ) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
                 Err(e) => {
                     log::warn!("accept failed: {e}");
                     return;
@@ -363,7 +423,7 @@ impl Server {
         self.stats.event_token_rejections += tally.token_rejections;
         // The 200s are written (or queued behind a full socket); now the fan-out.
         for ev in events.drain(..) {
-            self.deliver(&ev, now);
+            self.deliver(ev, now);
         }
         self.events = events;
         match step {
@@ -440,27 +500,16 @@ impl Server {
                                         w.client_addr(),
                                         self.config.max_repos_per_connection
                                     );
-                                    w.start_close(
-                                        CloseCode::Policy,
-                                        "too many subscriptions",
-                                        close_by,
-                                    );
+                                    w.start_close(CloseCode::Policy, "too many subscriptions", close_by);
                                 }
                                 return;
                             }
-                            self.subs
-                                .subscribe(key, &repo_id, &grant.username, grant.exp);
-                            log::debug!(
-                                "connection {key} subscribed to {repo_id} until {}",
-                                grant.exp
-                            );
+                            self.subs.subscribe(key, &repo_id, &grant.username, grant.exp);
+                            log::debug!("connection {key} subscribed to {repo_id} until {}", grant.exp);
                         }
                         Err(e) => {
                             self.stats.client_token_rejections += 1;
-                            log::debug!(
-                                "connection {key}: token for {repo_id} refused ({})",
-                                e.label()
-                            );
+                            log::debug!("connection {key}: token for {repo_id} refused ({})", e.label());
                             self.send(key, event::jwt_expired(&repo_id), now);
                         }
                     }
@@ -488,25 +537,171 @@ impl Server {
         }
     }
 
-    /// Fan-out: the event's one frame goes into every subscriber in its audience.
-    pub fn deliver(&mut self, ev: &Event, now: Millis) {
+    /// Delivers an event, from whatever source, keeping each library's events in order:
+    /// while one of its events waits for a group lookup, later ones queue behind it.
+    pub fn deliver(&mut self, ev: Event, now: Millis) {
         self.stats.events += 1;
-        let user = match &ev.audience {
-            Audience::All => None,
-            Audience::User(u) => Some(u.as_str()),
-            Audience::Group(g) => {
-                // Never broadcast: that would apply one group's permission to everyone.
-                if !self.subs.members(&ev.repo_id).is_empty() {
-                    self.stats.group_events_dropped += 1;
-                    log::warn!(
-                        "dropped group-scoped {} event for repo {} (group {g}): group membership lookups are not available",
-                        ev.kind.name(),
-                        ev.repo_id
-                    );
-                }
+        if let Some(queue) = self.held.get_mut(ev.repo_id.as_str()) {
+            if self.held_count >= MAX_HELD_EVENTS {
+                self.stats.held_events_dropped += 1;
+                log::warn!(
+                    "dropped {} event for repo {}: {MAX_HELD_EVENTS} events already wait for group lookups",
+                    ev.kind.name(),
+                    ev.repo_id
+                );
                 return;
             }
+            queue.push_back(ev);
+            self.held_count += 1;
+            return;
+        }
+        if self.try_deliver(&ev, now) == Outcome::Wait {
+            let mut queue = VecDeque::with_capacity(1);
+            queue.push_back(ev);
+            self.held.insert(queue_key(&queue), queue);
+            self.held_count += 1;
+        }
+    }
+
+    /// Sends an event to its audience now, or says it must wait for a group lookup
+    /// (which this then requests).
+    fn try_deliver(&mut self, ev: &Event, now: Millis) -> Outcome {
+        let group = match &ev.audience {
+            Audience::All => {
+                self.fan_out(ev, Filter::All, now);
+                return Outcome::Done;
+            }
+            Audience::User(u) => {
+                self.fan_out(ev, Filter::User(u), now);
+                return Outcome::Done;
+            }
+            Audience::Group(g) => *g,
         };
+        // Nobody to tell: no lookup at all.
+        if self.subs.members(&ev.repo_id).is_empty() {
+            return Outcome::Done;
+        }
+        // Never broadcast a group event: that would apply one group's permission to all.
+        let Some(lookups) = self.lookups.as_ref() else {
+            self.drop_group_event(ev, group, "no group database is configured");
+            return Outcome::Done;
+        };
+        let ttl = ms(self.config.group_cache_ttl);
+        if let Some(cached) = self.group_cache.get(&group)
+            && now.saturating_sub(cached.fetched) < ttl
+        {
+            let members = &cached.members;
+            let Server {
+                subs,
+                conns,
+                dirty,
+                doomed,
+                stats,
+                ..
+            } = self;
+            fan_out(subs, conns, dirty, doomed, stats, ev, Filter::Members(members), now);
+            return Outcome::Done;
+        }
+        if self.failed_groups.contains(&group) {
+            self.drop_group_event(ev, group, "the group lookup failed");
+            return Outcome::Done;
+        }
+        if !self.pending_groups.contains_key(&group) {
+            if !lookups.request(group) {
+                self.drop_group_event(ev, group, "too many group lookups are pending");
+                return Outcome::Done;
+            }
+            self.stats.group_lookups += 1;
+            self.pending_groups.insert(group, now);
+            log::debug!("looking up members of group {group}");
+        }
+        Outcome::Wait
+    }
+
+    fn drop_group_event(&mut self, ev: &Event, group: i64, why: &str) {
+        self.stats.group_events_dropped += 1;
+        log::warn!(
+            "dropped group-scoped {} event for repo {} (group {group}): {why}",
+            ev.kind.name(),
+            ev.repo_id
+        );
+    }
+
+    /// Takes the helper's answers, then releases every held event that can now go.
+    fn on_lookup_replies(&mut self, now: Millis) {
+        let replies: Vec<_> = match self.lookups.as_ref() {
+            Some(l) => l.replies().collect(),
+            None => return,
+        };
+        for reply in replies {
+            self.pending_groups.remove(&reply.group);
+            match reply.result {
+                Ok(members) => {
+                    if self.group_cache.len() >= MAX_CACHED_GROUPS {
+                        let ttl = ms(self.config.group_cache_ttl);
+                        self.group_cache.retain(|_, c| now.saturating_sub(c.fetched) < ttl);
+                        if self.group_cache.len() >= MAX_CACHED_GROUPS {
+                            self.group_cache.clear();
+                        }
+                    }
+                    let members = members.into_iter().map(Box::from).collect();
+                    self.group_cache
+                        .insert(reply.group, CachedGroup { members, fetched: now });
+                }
+                Err(e) => {
+                    self.stats.group_lookup_failures += 1;
+                    log::warn!("group lookup for group {} failed: {e}", reply.group);
+                    self.failed_groups.insert(reply.group);
+                }
+            }
+        }
+        self.release_held(now);
+    }
+
+    /// Delivers held events from the front of each library's queue until one must wait.
+    fn release_held(&mut self, now: Millis) {
+        let repos: Vec<Box<str>> = self.held.keys().cloned().collect();
+        for repo in repos {
+            while let Some(ev) = self.held.get_mut(&repo).and_then(VecDeque::pop_front) {
+                self.held_count -= 1;
+                if self.try_deliver(&ev, now) == Outcome::Wait {
+                    if let Some(queue) = self.held.get_mut(&repo) {
+                        queue.push_front(ev);
+                        self.held_count += 1;
+                    }
+                    break;
+                }
+            }
+            if self.held.get(&repo).is_some_and(VecDeque::is_empty) {
+                self.held.remove(&repo);
+            }
+        }
+        self.failed_groups.clear();
+    }
+
+    /// Lookups the helper never answered (it should always answer within its retries)
+    /// count as failed, so no library stays held forever.
+    fn expire_lookups(&mut self, now: Millis) {
+        let limit = 4 * ms(self.config.group_lookup_timeout) + 2_000;
+        let overdue: Vec<i64> = self
+            .pending_groups
+            .iter()
+            .filter(|(_, t)| now.saturating_sub(**t) > limit)
+            .map(|(g, _)| *g)
+            .collect();
+        if overdue.is_empty() {
+            return;
+        }
+        for group in overdue {
+            self.pending_groups.remove(&group);
+            self.stats.group_lookup_failures += 1;
+            log::warn!("group lookup for group {group} got no answer in time");
+            self.failed_groups.insert(group);
+        }
+        self.release_held(now);
+    }
+
+    fn fan_out(&mut self, ev: &Event, filter: Filter, now: Millis) {
         let Server {
             subs,
             conns,
@@ -515,27 +710,14 @@ impl Server {
             stats,
             ..
         } = self;
-        for m in subs.members(&ev.repo_id) {
-            if user.is_some_and(|u| *m.user != *u) {
-                continue;
-            }
-            let Some(Conn::Ws(w)) = conns.get_mut(m.conn) else {
-                continue;
-            };
-            match w.send(ev.frame.clone(), now) {
-                Sent::Queued { newly_dirty } => {
-                    stats.deliveries += 1;
-                    if newly_dirty {
-                        dirty.push(m.conn);
-                    }
-                }
-                Sent::Evict(reason) => doomed.push((m.conn, reason)),
-            }
-        }
+        fan_out(subs, conns, dirty, doomed, stats, ev, filter, now);
     }
 
     /// The periodic check of every connection's timers.
     fn sweep(&mut self, now: Millis, unix_now: i64) {
+        if !self.pending_groups.is_empty() {
+            self.expire_lookups(now);
+        }
         if self.accept_pause == Some(AcceptPause::NoDescriptors) {
             self.accept_pause = None;
             self.accept(now);
@@ -571,21 +753,14 @@ impl Server {
                         doomed.push((key, Reason::PongTimeout));
                         continue;
                     }
-                    if w.unsent_since
-                        .is_some_and(|t| now.saturating_sub(t) >= write_timeout)
-                    {
+                    if w.unsent_since.is_some_and(|t| now.saturating_sub(t) >= write_timeout) {
                         doomed.push((key, Reason::SlowConsumerTime));
                         continue;
                     }
                     if subs.has_expired(key, unix_now) {
                         for repo_id in subs.expire(key, unix_now) {
                             log::debug!("connection {key}: token for {repo_id} expired");
-                            if !note_sent(
-                                w.send(event::jwt_expired(&repo_id), now),
-                                key,
-                                dirty,
-                                doomed,
-                            ) {
+                            if !note_sent(w.send(event::jwt_expired(&repo_id), now), key, dirty, doomed) {
                                 break;
                             }
                         }
@@ -682,12 +857,7 @@ impl Server {
 
 /// Records what a queued message means for the dirty and doomed lists; false if the
 /// connection is doomed.
-fn note_sent(
-    sent: Sent,
-    key: usize,
-    dirty: &mut Vec<usize>,
-    doomed: &mut Vec<(usize, Reason)>,
-) -> bool {
+fn note_sent(sent: Sent, key: usize, dirty: &mut Vec<usize>, doomed: &mut Vec<(usize, Reason)>) -> bool {
     match sent {
         Sent::Queued { newly_dirty } => {
             if newly_dirty {
@@ -698,6 +868,48 @@ fn note_sent(
         Sent::Evict(reason) => {
             doomed.push((key, reason));
             false
+        }
+    }
+}
+
+/// The key under which a new held queue is filed: its one event's library.
+fn queue_key(queue: &VecDeque<Event>) -> Box<str> {
+    queue.front().map(|e| Box::from(e.repo_id.as_str())).unwrap_or_default()
+}
+
+/// Fan-out: the event's one frame is queued into every subscriber the filter lets
+/// through; each goes on the dirty list once, and one that cannot take more is doomed.
+#[allow(clippy::too_many_arguments)]
+fn fan_out(
+    subs: &Subs,
+    conns: &mut Slab<Conn>,
+    dirty: &mut Vec<usize>,
+    doomed: &mut Vec<(usize, Reason)>,
+    stats: &mut Stats,
+    ev: &Event,
+    filter: Filter,
+    now: Millis,
+) {
+    for m in subs.members(&ev.repo_id) {
+        let wanted = match filter {
+            Filter::All => true,
+            Filter::User(u) => *m.user == *u,
+            Filter::Members(set) => set.contains(&m.user),
+        };
+        if !wanted {
+            continue;
+        }
+        let Some(Conn::Ws(w)) = conns.get_mut(m.conn) else {
+            continue;
+        };
+        match w.send(ev.frame.clone(), now) {
+            Sent::Queued { newly_dirty } => {
+                stats.deliveries += 1;
+                if newly_dirty {
+                    dirty.push(m.conn);
+                }
+            }
+            Sent::Evict(reason) => doomed.push((m.conn, reason)),
         }
     }
 }

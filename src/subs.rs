@@ -73,8 +73,7 @@ impl Subs {
                 r
             }
         };
-        let (Some(cs), Some(rp)) = (self.conns.get_mut(conn), self.repos.get_mut(repo as usize))
-        else {
+        let (Some(cs), Some(rp)) = (self.conns.get_mut(conn), self.repos.get_mut(repo as usize)) else {
             return false;
         };
         if let Some(sub) = cs.subs.iter_mut().find(|s| s.repo == repo) {
@@ -121,11 +120,7 @@ impl Subs {
 
     /// Removes every subscription of `conn` (on close).
     pub fn remove_conn(&mut self, conn: ConnKey) {
-        while let Some(last) = self
-            .conns
-            .get(conn)
-            .and_then(|cs| cs.subs.len().checked_sub(1))
-        {
+        while let Some(last) = self.conns.get(conn).and_then(|cs| cs.subs.len().checked_sub(1)) {
             self.remove_slot(conn, last);
         }
         if let Some(cs) = self.conns.get_mut(conn) {
@@ -144,12 +139,7 @@ impl Subs {
             return expired;
         }
         let mut slot = 0;
-        while let Some(sub) = self
-            .conns
-            .get(conn)
-            .and_then(|cs| cs.subs.get(slot))
-            .copied()
-        {
+        while let Some(sub) = self.conns.get(conn).and_then(|cs| cs.subs.get(slot)).copied() {
             if sub.exp <= now {
                 if let Some(r) = self.repos.get(sub.repo as usize) {
                     expired.push(r.id.clone());
@@ -175,11 +165,7 @@ impl Subs {
 
     /// The subscribers of a library (empty if none).
     pub fn members(&self, repo_id: &str) -> &[Member] {
-        match self
-            .ids
-            .get(repo_id)
-            .and_then(|&r| self.repos.get(r as usize))
-        {
+        match self.ids.get(repo_id).and_then(|&r| self.repos.get(r as usize)) {
             Some(r) => &r.members,
             None => &[],
         }
@@ -280,11 +266,7 @@ mod tests {
     use super::*;
 
     fn users(s: &Subs, repo: &str) -> Vec<(ConnKey, String)> {
-        let mut v: Vec<_> = s
-            .members(repo)
-            .iter()
-            .map(|m| (m.conn, m.user.to_string()))
-            .collect();
+        let mut v: Vec<_> = s.members(repo).iter().map(|m| (m.conn, m.user.to_string())).collect();
         v.sort();
         v
     }

@@ -32,9 +32,7 @@ pub fn check_upgrade(head: &Head) -> Result<String, Vec<u8>> {
         return Err(refuse(400, "Bad Request"));
     }
     match head.ws_key.as_deref() {
-        Some(key) if valid_key(key) => {
-            Ok(tungstenite::handshake::derive_accept_key(key.as_bytes()))
-        }
+        Some(key) if valid_key(key) => Ok(tungstenite::handshake::derive_accept_key(key.as_bytes())),
         _ => Err(refuse(400, "Bad Request")),
     }
 }
@@ -113,12 +111,9 @@ pub fn parse_client(payload: &[u8]) -> Result<ClientMsg, &'static str> {
         "subscribe" => {
             let mut out = Vec::with_capacity(repos.len());
             for raw in repos {
-                let repo =
-                    Object::parse(raw.get()).map_err(|_| "a subscribe entry is not an object")?;
+                let repo = Object::parse(raw.get()).map_err(|_| "a subscribe entry is not an object")?;
                 let id = repo.string("id").map_err(|_| "a repo id is not a string")?;
-                let token = repo
-                    .string("jwt_token")
-                    .map_err(|_| "a jwt_token is not a string")?;
+                let token = repo.string("jwt_token").map_err(|_| "a jwt_token is not a string")?;
                 out.push((id.unwrap_or_default(), token.unwrap_or_default()));
             }
             Ok(ClientMsg::Subscribe(out))
@@ -184,10 +179,7 @@ mod tests {
         assert_eq!(status(&head(GOOD, "POST")), "405");
         assert_eq!(status(&head(&GOOD.replace("13", "8"), "GET")), "400");
         assert_eq!(
-            status(&head(
-                &GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"),
-                "GET"
-            )),
+            status(&head(&GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"), "GET")),
             "400"
         );
         let no_key = GOOD.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
@@ -207,10 +199,7 @@ mod tests {
             ]))
         );
         let m = parse_client(br#"{"type":"unsubscribe","content":{"repos":[{"id":"r1"},"r2"]}}"#);
-        assert_eq!(
-            m,
-            Ok(ClientMsg::Unsubscribe(vec!["r1".into(), "r2".into()]))
-        );
+        assert_eq!(m, Ok(ClientMsg::Unsubscribe(vec!["r1".into(), "r2".into()])));
         let m = parse_client(br#"{"Type":"subscribe","Content":{"Repos":null,"x":1},"y":2}"#);
         assert_eq!(m, Ok(ClientMsg::Subscribe(vec![])));
         assert_eq!(
@@ -233,11 +222,7 @@ mod tests {
             br#"{"type":"unsubscribe","content":{"repos":[5]}}"#,
             br#"[]"#,
         ] {
-            assert!(
-                parse_client(bad).is_err(),
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
+            assert!(parse_client(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
     }
 }

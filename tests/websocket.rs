@@ -15,11 +15,15 @@ fn subscriber_receives_repo_update_with_every_field() {
     let server = Server::start("");
     let mut a = server.ws();
     a.subscribe("repo-1", "alice@example.com");
-    let body = r#"{"type": "repo-update", "content": {"repo_id": "repo-1", "commit_id": "c1", "extra": {"x": [1, 2]}}}"#;
+    let body =
+        r#"{"type": "repo-update", "content": {"repo_id": "repo-1", "commit_id": "c1", "extra": {"x": [1, 2]}}}"#;
     let r = post_event(server.addr, body, Some(&format!("Token {}", event_token())));
     assert_eq!((r.status, r.body.len()), (200, 0));
     let text = a.recv_text().expect("event");
-    assert_eq!(text, "{\"type\":\"repo-update\",\"content\":{\"repo_id\":\"repo-1\",\"commit_id\":\"c1\",\"extra\":{\"x\":[1,2]}}}\n");
+    assert_eq!(
+        text,
+        "{\"type\":\"repo-update\",\"content\":{\"repo_id\":\"repo-1\",\"commit_id\":\"c1\",\"extra\":{\"x\":[1,2]}}}\n"
+    );
 }
 
 #[test]
@@ -56,11 +60,20 @@ fn only_subscribers_of_the_repo_receive_and_each_once() {
 fn bad_tokens_get_jwt_expired_with_the_id_escaped() {
     let server = Server::start("");
     let mut a = server.ws();
-    let other_key = sign_with(jsonwebtoken::Algorithm::HS256, &json!({"repo_id": "r1", "username": "u", "exp": unix_now() + 60}), b"wrong");
+    let other_key = sign_with(
+        jsonwebtoken::Algorithm::HS256,
+        &json!({"repo_id": "r1", "username": "u", "exp": unix_now() + 60}),
+        b"wrong",
+    );
     let expired = client_token("r2", "u", unix_now() - 1);
     let wrong_repo = client_token("other", "u", unix_now() + 60);
     let weird = "we\"ird\\id";
-    a.subscribe_many(&[("r1", &other_key), ("r2", &expired), ("r3", &wrong_repo), (weird, "garbage")]);
+    a.subscribe_many(&[
+        ("r1", &other_key),
+        ("r2", &expired),
+        ("r3", &wrong_repo),
+        (weird, "garbage"),
+    ]);
     for want in ["r1", "r2", "r3", weird] {
         let m = a.recv().unwrap();
         assert_eq!(m, json!({"type": "jwt-expired", "content": {"repo_id": want}}));
@@ -115,7 +128,10 @@ fn user_scoped_folder_perm_events_follow_each_subscriptions_own_user() {
     server.post(&perm("r-bob", "alice", -1)); // alice's subscription is on another repo
     server.post(&perm("r-bob", "bob", -1));
     let m = shared.recv().unwrap();
-    assert_eq!((m["type"].as_str(), m["content"]["user"].as_str()), (Some("folder-perm-changed"), Some("bob")));
+    assert_eq!(
+        (m["type"].as_str(), m["content"]["user"].as_str()),
+        (Some("folder-perm-changed"), Some("bob"))
+    );
     shared.sync();
     other.sync();
     // Unscoped (group -1, no user): everyone on the repo.
@@ -132,7 +148,12 @@ fn group_scoped_events_are_never_broadcast() {
     let ev = json!({"type": "folder-perm-changed", "content": {"repo_id": "r", "path": "/d", "type": "group",
         "change_event": "add", "user": "", "group": 7, "perm": "r"}});
     server.post(&ev);
-    assert!(server.logs.wait_for("dropped group-scoped folder-perm-changed", DEADLINE).is_some());
+    assert!(
+        server
+            .logs
+            .wait_for("dropped group-scoped folder-perm-changed", DEADLINE)
+            .is_some()
+    );
     server.post(&repo_update("r", "next"));
     assert_eq!(a.recv().unwrap()["type"], "repo-update");
 }
@@ -156,7 +177,12 @@ fn lock_and_comment_events_are_forwarded() {
 #[test]
 fn bad_client_message_gets_a_close_frame() {
     let server = Server::start("");
-    for bad in [r#"not json"#, r#"{"type":"ping","content":{}}"#, r#"{"type":"subscribe"}"#, r#"{"type":"subscribe","content":{"repos":["r"]}}"#] {
+    for bad in [
+        r#"not json"#,
+        r#"{"type":"ping","content":{}}"#,
+        r#"{"type":"subscribe"}"#,
+        r#"{"type":"subscribe","content":{"repos":["r"]}}"#,
+    ] {
         let mut a = server.ws();
         a.ws.send(Message::text(bad)).unwrap();
         let frame = a.recv_close().unwrap_or_else(|| panic!("no close frame for {bad}"));
@@ -170,7 +196,11 @@ fn client_close_is_echoed() {
     let server = Server::start("");
     let mut a = server.ws();
     a.subscribe("r", "u");
-    a.ws.close(Some(tungstenite::protocol::CloseFrame { code: CloseCode::Normal, reason: "bye".into() })).unwrap();
+    a.ws.close(Some(tungstenite::protocol::CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .unwrap();
     let frame = a.recv_close();
     assert_eq!(frame.map(|f| f.code), Some(CloseCode::Normal));
     assert!(server.logs.wait_for("closed by peer", DEADLINE).is_some());
@@ -187,7 +217,10 @@ impl RawWs {
         s.write_all(b"GET /notification HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: notification.seafile.com\r\n\r\n").unwrap();
         let r = read_response(&mut s, true).unwrap();
         assert_eq!(r.status, 101);
-        assert_eq!(r.head, "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            r.head,
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
         RawWs { s }
     }
 
@@ -257,7 +290,8 @@ fn large_events_go_out_as_one_unfragmented_text_frame() {
     assert!(String::from_utf8(p).unwrap().contains("probe"));
     // Sizes around the official server's 1024-byte fragmentation points.
     for size in [1000, 1500, 3000, 20000] {
-        let body = json!({"type": "repo-update", "content": {"repo_id": "r", "commit_id": "c", "pad": "x".repeat(size)}});
+        let body =
+            json!({"type": "repo-update", "content": {"repo_id": "r", "commit_id": "c", "pad": "x".repeat(size)}});
         server.post(&body);
         let (b0, p) = raw.data_frame().unwrap();
         assert_eq!(b0, 0x81, "FIN + text for size {size}");
@@ -304,12 +338,17 @@ fn silent_client_is_closed_after_pong_timeout_and_a_live_one_is_kept() {
     // The silent client never answers; it must be closed, not left as a zombie. The live
     // client keeps reading meanwhile, which answers the server's pings.
     silent.s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-    live.ws.get_mut().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    live.ws
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
     let mut buf = [0u8; 1024];
     loop {
         match silent.s.read(&mut buf) {
             Ok(0) => break,
-            Err(e) if !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            Err(e) if !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                break;
+            }
             _ => assert!(started.elapsed() < DEADLINE, "never closed"),
         }
         match live.ws.read() {
@@ -320,7 +359,10 @@ fn silent_client_is_closed_after_pong_timeout_and_a_live_one_is_kept() {
         }
     }
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "closed after {took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "closed after {took:?}"
+    );
     assert!(server.logs.wait_for("pong timeout", DEADLINE).is_some());
     // The live client answered every ping (its reads answer them) and still gets events.
     server.post(&repo_update("r", "still-here"));
@@ -336,7 +378,11 @@ fn a_client_that_stops_reading_is_evicted_and_others_keep_receiving() {
     set_rcvbuf(&stuck, 4096);
     let (mut stuck_ws, _) = tungstenite::client::client("ws://x/", stuck).unwrap();
     let t = client_token("r", "u", unix_now() + 3600);
-    stuck_ws.send(Message::text(json!({"type":"subscribe","content":{"repos":[{"id":"r","jwt_token":t}]}}).to_string())).unwrap();
+    stuck_ws
+        .send(Message::text(
+            json!({"type":"subscribe","content":{"repos":[{"id":"r","jwt_token":t}]}}).to_string(),
+        ))
+        .unwrap();
     let mut healthy = server.ws();
     healthy.subscribe("r", "h");
     // The stuck client's subscribe may still be in flight: make sure it is processed.
@@ -345,7 +391,8 @@ fn a_client_that_stops_reading_is_evicted_and_others_keep_receiving() {
     let pad = "p".repeat(16_000);
     let mut evicted = false;
     for i in 0..400 {
-        server.post(&json!({"type": "repo-update", "content": {"repo_id": "r", "commit_id": i.to_string(), "pad": pad}}));
+        server
+            .post(&json!({"type": "repo-update", "content": {"repo_id": "r", "commit_id": i.to_string(), "pad": pad}}));
         let m = healthy.recv().expect("healthy subscriber got every event");
         assert_eq!(m["content"]["commit_id"], i.to_string());
         if server.logs.contains("slow consumer") {
@@ -361,19 +408,25 @@ fn a_client_that_stops_reading_is_evicted_and_others_keep_receiving() {
 
 #[test]
 fn output_unsent_for_too_long_evicts() {
-    let server = Server::start("write_timeout = 1\nping_interval = 0.5\npong_timeout = 30\nmax_unsent_bytes = 100000000");
+    let server =
+        Server::start("write_timeout = 1\nping_interval = 0.5\npong_timeout = 30\nmax_unsent_bytes = 100000000");
     let stuck = std::net::TcpStream::connect(server.addr).unwrap();
     set_rcvbuf(&stuck, 4096);
     let (mut stuck_ws, _) = tungstenite::client::client("ws://x/", stuck).unwrap();
     let t = client_token("r", "u", unix_now() + 3600);
-    stuck_ws.send(Message::text(json!({"type":"subscribe","content":{"repos":[{"id":"r","jwt_token":t}]}}).to_string())).unwrap();
+    stuck_ws
+        .send(Message::text(
+            json!({"type":"subscribe","content":{"repos":[{"id":"r","jwt_token":t}]}}).to_string(),
+        ))
+        .unwrap();
     let mut probe = server.ws();
     probe.sync();
     // Fill the kernel buffers and some of ours, well under the byte cap, then wait for the
     // time limit.
     let pad = "p".repeat(16_000);
     for i in 0..500 {
-        server.post(&json!({"type": "repo-update", "content": {"repo_id": "r", "commit_id": i.to_string(), "pad": pad}}));
+        server
+            .post(&json!({"type": "repo-update", "content": {"repo_id": "r", "commit_id": i.to_string(), "pad": pad}}));
     }
     let line = server.logs.wait_for("slow consumer", DEADLINE).expect("evicted");
     assert!(line.contains("write_timeout"), "{line}");

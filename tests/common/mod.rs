@@ -28,11 +28,7 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new() -> TempDir {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!(
-            "ns-test-{}-{n}-{}",
-            std::process::id(),
-            now_nanos()
-        ));
+        let dir = std::env::temp_dir().join(format!("ns-test-{}-{n}-{}", std::process::id(), now_nanos()));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
@@ -87,11 +83,7 @@ impl Logs {
     }
 
     pub fn contains(&self, needle: &str) -> bool {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
+        self.lines.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 }
 
@@ -105,9 +97,7 @@ pub struct Server {
 
 /// The config file every test server gets, plus `extra` lines in `[notification]`.
 pub fn config_text(extra: &str) -> String {
-    format!(
-        "[notification]\nhost = 127.0.0.1\nport = 0\nlog_level = debug\njwt_private_key = {KEY}\n{extra}\n"
-    )
+    format!("[notification]\nhost = 127.0.0.1\nport = 0\nlog_level = debug\njwt_private_key = {KEY}\n{extra}\n")
 }
 
 impl Server {
@@ -121,29 +111,39 @@ impl Server {
     /// Starts the binary with `-c dir` plus `args` and `env`, stderr captured, and waits
     /// for its listening line.
     pub fn start_in(dir: TempDir, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let conf = dir.path().to_path_buf();
+        Server::start_at(dir, &conf, args, env)
+    }
+
+    /// Like [`Server::start_in`] with `-c conf`, a directory inside `dir` (which the server
+    /// owns and removes).
+    pub fn start_at(dir: TempDir, conf: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = binary();
         cmd.arg("-c")
-            .arg(dir.path())
+            .arg(conf)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        cmd.env_remove("JWT_PRIVATE_KEY")
-            .env_remove("SEAFILE_LOG_TO_STDOUT");
+        for var in [
+            "JWT_PRIVATE_KEY",
+            "SEAFILE_LOG_TO_STDOUT",
+            "SEAFILE_MYSQL_DB_HOST",
+            "SEAFILE_MYSQL_DB_USER",
+            "SEAFILE_MYSQL_DB_PASSWORD",
+            "SEAFILE_MYSQL_DB_PORT",
+            "SEAFILE_MYSQL_DB_CCNET_DB_NAME",
+        ] {
+            cmd.env_remove(var);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("start notification-server");
         let logs = Arc::new(Logs::default());
         for pipe in [
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -162,19 +162,8 @@ impl Server {
             let _ = child.kill();
             panic!("server did not start; output: {:#?}", logs.all());
         };
-        let addr = line
-            .rsplit("listening on ")
-            .next()
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        Server {
-            child,
-            addr,
-            logs,
-            dir,
-        }
+        let addr = line.rsplit("listening on ").next().unwrap().trim().parse().unwrap();
+        Server { child, addr, logs, dir }
     }
 
     pub fn pid(&self) -> i32 {
@@ -201,8 +190,7 @@ impl Server {
 
     /// Resident memory of the server process, in KiB.
     pub fn rss_kb(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -217,20 +205,13 @@ impl Server {
 
     /// POSTs an event with a valid sender token; asserts the 200.
     pub fn post(&self, body: &Value) {
-        let r = post_event(
-            self.addr,
-            &body.to_string(),
-            Some(&format!("Token {}", event_token())),
-        );
+        let r = post_event(self.addr, &body.to_string(), Some(&format!("Token {}", event_token())));
         assert_eq!(r.status, 200, "event refused: {r:?}");
     }
 
     /// Asserts the server still answers /ping.
     pub fn assert_alive(&self) {
-        let r = request(
-            self.addr,
-            b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        );
+        let r = request(self.addr, b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         assert_eq!(r.status, 200);
     }
 }
@@ -318,10 +299,7 @@ pub fn read_response(s: &mut TcpStream, head_only: bool) -> Option<Response> {
         head: head.trim_end().to_string(),
         body: Vec::new(),
     };
-    let len: usize = r
-        .header("content-length")
-        .map(|v| v.parse().unwrap())
-        .unwrap_or(0);
+    let len: usize = r.header("content-length").map(|v| v.parse().unwrap()).unwrap_or(0);
     if !head_only && status != 101 && status != 100 {
         r.body = vec![0; len];
         s.read_exact(&mut r.body).ok()?;
@@ -343,12 +321,7 @@ pub fn closed_by_server(s: &mut TcpStream) -> bool {
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 return false;
             }
             Err(_) => return true,
@@ -389,10 +362,7 @@ impl Ws {
 
     /// Sends one subscribe message for these (repo, token) pairs.
     pub fn subscribe_many(&mut self, repos: &[(&str, &str)]) {
-        let list: Vec<Value> = repos
-            .iter()
-            .map(|(id, t)| json!({"id": id, "jwt_token": t}))
-            .collect();
+        let list: Vec<Value> = repos.iter().map(|(id, t)| json!({"id": id, "jwt_token": t})).collect();
         self.send_json(&json!({"type": "subscribe", "content": {"repos": list}}));
     }
 
