@@ -11,12 +11,28 @@ use crate::config::Config;
 use crate::event::{self, Event, Parsed};
 use crate::http::{self, Head, Route};
 use crate::ws::{self, ClientMsg};
-use mio::net::TcpStream;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocket};
 use tungstenite::{Message, Utf8Bytes};
+
+/// A connection's byte stream: a mio `TcpStream` in the server, scripted bytes in tests
+/// and fuzzing.
+pub trait Stream: Read + Write {
+    /// Half-closes the sending side once the last answer is written.
+    fn shutdown_write(&self);
+}
+
+impl Stream for mio::net::TcpStream {
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Answer bytes an HTTP connection may have waiting for the socket before it stops
+/// reading further requests (back-pressure for clients that pipeline without reading).
+pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;
 
 /// Milliseconds on the server's monotonic clock (since start-up).
 pub type Millis = u64;
@@ -133,8 +149,8 @@ pub struct Ctx<'a> {
 }
 
 /// A connection speaking HTTP/1.1.
-pub struct HttpConn {
-    pub stream: TcpStream,
+pub struct HttpConn<S = mio::net::TcpStream> {
+    pub stream: S,
     pub peer: SocketAddr,
     /// Received bytes not yet consumed; at most `max_head_bytes + max_body_bytes`.
     inbuf: Vec<u8>,
@@ -158,8 +174,8 @@ pub struct HttpTally {
     pub token_rejections: u64,
 }
 
-impl HttpConn {
-    pub fn new(stream: TcpStream, peer: SocketAddr, now: Millis, config: &Config) -> HttpConn {
+impl<S: Stream> HttpConn<S> {
+    pub fn new(stream: S, peer: SocketAddr, now: Millis, config: &Config) -> HttpConn<S> {
         HttpConn {
             stream,
             peer,
@@ -183,6 +199,14 @@ impl HttpConn {
             if self.close_after_write.is_some() || self.upgrade_after_write {
                 // Nothing more is read once the last answer is decided.
                 return self.write_out();
+            }
+            // Back-pressure: while answers are stuck in the socket, read nothing more, so
+            // a client that pipelines without reading cannot grow our buffers.
+            if self.out.len() >= MAX_PENDING_OUTPUT {
+                let step = self.write_out();
+                if self.out.len() >= MAX_PENDING_OUTPUT || !matches!(step, HttpStep::Wait { .. }) {
+                    return step;
+                }
             }
             // Read until the socket is drained or the buffer is at its cap.
             let mut drained = false;
@@ -221,10 +245,15 @@ impl HttpConn {
                 return step;
             }
             if peer_closed {
-                // A half-closed peer gets the answers already written, then we close.
-                return HttpStep::Close(Reason::PeerClosed);
+                // A half-closed peer still gets the answers to what it sent, then we close.
+                if self.out.is_empty() {
+                    return HttpStep::Close(Reason::PeerClosed);
+                }
+                self.close_after_write = Some(Reason::PeerClosed);
+                return step;
             }
-            if drained || (self.inbuf.len() == before && self.inbuf.len() >= cap) {
+            let stuck = self.out.len() >= MAX_PENDING_OUTPUT;
+            if drained || stuck || (self.inbuf.len() == before && self.inbuf.len() >= cap) {
                 return step;
             }
         }
@@ -232,7 +261,11 @@ impl HttpConn {
 
     /// Answers every complete request in the buffer.
     fn handle_requests(&mut self, ctx: &Ctx, events: &mut Vec<Event>, tally: &mut HttpTally) {
-        while self.close_after_write.is_none() && !self.upgrade_after_write && !self.inbuf.is_empty() {
+        while self.close_after_write.is_none()
+            && !self.upgrade_after_write
+            && !self.inbuf.is_empty()
+            && self.out.len() < MAX_PENDING_OUTPUT
+        {
             let head = match http::parse_head(&self.inbuf, ctx.config.max_head_bytes, ctx.config.max_body_bytes) {
                 Ok(Some(head)) => head,
                 Ok(None) => return,
@@ -270,6 +303,23 @@ impl HttpConn {
     }
 
     fn respond(&mut self, head: &Head, total: usize, ctx: &Ctx, events: &mut Vec<Event>, tally: &mut HttpTally) {
+        let head_only = head.method == "HEAD";
+        let start = self.out.len();
+        self.answer(head, total, ctx, events, tally);
+        if head_only {
+            // A HEAD answer never carries its body (the client would read it as the next
+            // response), whatever the route.
+            if let Some(end) = self
+                .out
+                .get(start..)
+                .and_then(|r| r.windows(4).position(|w| w == b"\r\n\r\n"))
+            {
+                self.out.truncate(start + end + 4);
+            }
+        }
+    }
+
+    fn answer(&mut self, head: &Head, total: usize, ctx: &Ctx, events: &mut Vec<Event>, tally: &mut HttpTally) {
         let head_only = head.method == "HEAD";
         let keep = head.keep_alive;
         match head.route {
@@ -340,7 +390,7 @@ impl HttpConn {
         }
         if let Some(reason) = self.close_after_write.take() {
             // Let the peer read the answer before the FIN; drop any unread input.
-            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+            self.stream.shutdown_write();
             return HttpStep::Close(reason);
         }
         if self.upgrade_after_write {
@@ -356,7 +406,7 @@ impl HttpConn {
 
     /// Turns the connection into a websocket; bytes that followed the upgrade request
     /// are the first websocket bytes.
-    pub fn into_ws(self, now: Millis, config: &Config) -> WsConn {
+    pub fn into_ws(self, now: Millis, config: &Config) -> WsConn<S> {
         let ws = WebSocket::from_partially_read(self.stream, self.inbuf, Role::Server, Some(ws::socket_config(config)));
         WsConn {
             ws,
@@ -393,8 +443,8 @@ pub enum Sent {
 }
 
 /// A websocket connection.
-pub struct WsConn {
-    pub ws: WebSocket<TcpStream>,
+pub struct WsConn<S = mio::net::TcpStream> {
+    pub ws: WebSocket<S>,
     pub peer: SocketAddr,
     pub forwarded_for: Option<Box<str>>,
     /// Last time any frame (or any byte) came in.
@@ -411,7 +461,7 @@ pub struct WsConn {
     pub wants_write: bool,
 }
 
-impl WsConn {
+impl<S: Stream> WsConn<S> {
     /// Reads one client message, answering pings and Close frames on the way.
     /// `close_by` is the deadline for the peer's answer should we start a close here.
     pub fn read_one(&mut self, now: Millis, close_by: Millis) -> WsRead {
@@ -589,9 +639,154 @@ pub fn ms(d: std::time::Duration) -> Millis {
     (d.as_millis() as Millis).max(1)
 }
 
+/// A scripted byte stream for connection tests and fuzzing: reads hand out the queued
+/// chunks, then `WouldBlock` (or end of stream once `eof` is set); writes are collected
+/// up to `write_room` bytes, then `WouldBlock`.
+#[derive(Debug, Default)]
+pub struct ScriptedStream {
+    pub input: std::collections::VecDeque<Vec<u8>>,
+    pub eof: bool,
+    pub output: Vec<u8>,
+    pub write_room: usize,
+}
+
+impl ScriptedStream {
+    /// A stream that will read `chunks` and accepts any amount of output.
+    pub fn new(chunks: impl IntoIterator<Item = Vec<u8>>) -> ScriptedStream {
+        ScriptedStream {
+            input: chunks.into_iter().collect(),
+            eof: false,
+            output: Vec::new(),
+            write_room: usize::MAX,
+        }
+    }
+}
+
+impl Read for ScriptedStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(chunk) = self.input.front_mut() else {
+            return if self.eof {
+                Ok(0)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            };
+        };
+        let n = chunk.len().min(buf.len());
+        if let (Some(dst), Some(src)) = (buf.get_mut(..n), chunk.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        chunk.drain(..n);
+        if chunk.is_empty() {
+            self.input.pop_front();
+        }
+        Ok(n)
+    }
+}
+
+impl Write for ScriptedStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.write_room == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.write_room);
+        self.output.extend_from_slice(buf.get(..n).unwrap_or_default());
+        self.write_room -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Stream for ScriptedStream {
+    fn shutdown_write(&self) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::Verifier;
+
+    fn config() -> Config {
+        Config {
+            jwt_private_key: b"k".to_vec(),
+            ..Config::default()
+        }
+    }
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 1))
+    }
+
+    fn run_http(chunks: Vec<&[u8]>) -> (HttpConn<ScriptedStream>, HttpStep, Vec<Event>) {
+        let config = config();
+        let verifier = Verifier::new(&config.jwt_private_key);
+        let ctx = Ctx {
+            config: &config,
+            verifier: &verifier,
+            unix_now: 1_800_000_000,
+            now: 0,
+            draining: false,
+        };
+        let stream = ScriptedStream::new(chunks.into_iter().map(<[u8]>::to_vec));
+        let mut conn = HttpConn::new(stream, peer(), 0, &config);
+        let mut events = Vec::new();
+        let step = conn.on_ready(&ctx, &mut events, &mut HttpTally::default());
+        (conn, step, events)
+    }
+
+    #[test]
+    fn requests_split_anywhere_are_answered_in_order() {
+        let (conn, step, _) = run_http(vec![b"GET /pi", b"ng HTTP/1.1\r\n\r\nGET /x HTTP/1.1\r", b"\n\r\n"]);
+        assert_eq!(step, HttpStep::Wait { wants_write: false });
+        let out = String::from_utf8(conn.stream.output).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 2);
+        assert!(out.ends_with("404 page not found\n"));
+    }
+
+    #[test]
+    fn a_full_socket_stops_reading_until_it_drains() {
+        let config = config();
+        let verifier = Verifier::new(&config.jwt_private_key);
+        let ctx = Ctx {
+            config: &config,
+            verifier: &verifier,
+            unix_now: 0,
+            now: 0,
+            draining: false,
+        };
+        let many = b"GET /ping HTTP/1.1\r\n\r\n".repeat(20_000);
+        let mut stream = ScriptedStream::new(many.chunks(4096).map(<[u8]>::to_vec));
+        stream.write_room = 1000;
+        let mut conn = HttpConn::new(stream, peer(), 0, &config);
+        let step = conn.on_ready(&ctx, &mut Vec::new(), &mut HttpTally::default());
+        assert_eq!(step, HttpStep::Wait { wants_write: true });
+        assert!(conn.out.len() <= MAX_PENDING_OUTPUT + 200, "{}", conn.out.len());
+        assert!(
+            !conn.stream.input.is_empty(),
+            "stopped reading while the answers were stuck"
+        );
+    }
+
+    #[test]
+    fn upgrade_then_websocket_frames_that_came_with_it() {
+        let head = b"GET /notification HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        // A masked text frame right behind the request: {"type":"unsubscribe","content":null}
+        let payload = br#"{"type":"unsubscribe","content":null}"#;
+        let mask = [9u8, 8, 7, 6];
+        let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let mut bytes = head.to_vec();
+        bytes.extend_from_slice(&frame);
+        let (conn, step, _) = run_http(vec![&bytes]);
+        assert_eq!(step, HttpStep::Upgrade);
+        assert!(conn.stream.output.starts_with(b"HTTP/1.1 101 Switching Protocols\r\n"));
+        let mut ws = conn.into_ws(0, &config());
+        assert_eq!(ws.read_one(0, 100), WsRead::Msg(ClientMsg::Unsubscribe(vec![])));
+        assert_eq!(ws.read_one(0, 100), WsRead::Drained);
+    }
 
     #[test]
     fn close_reasons_fit_a_control_frame() {

@@ -133,6 +133,11 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
         let value = std::str::from_utf8(h.value).map_err(|_| Reject::Malformed)?.trim();
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
+            // 1*DIGIT: no sign, no spaces (a sign one proxy accepts and another refuses
+            // is a request-smuggling vector).
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Reject::Malformed);
+            }
             let n: usize = value.parse().map_err(|_| Reject::Malformed)?;
             if content_length.is_some_and(|old| old != n) {
                 return Err(Reject::Malformed);
@@ -336,6 +341,7 @@ mod tests {
             "POST /events HTTP/1.1\r\nContent-Length: x\r\n\r\n",
             "POST /events HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "POST /events HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            "POST /events HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
         ] {
             assert_eq!(parse_head(s.as_bytes(), 1024, 100), Err(Reject::Malformed), "{s:?}");
         }
