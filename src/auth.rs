@@ -64,6 +64,9 @@ pub struct Grant {
 /// The shared key, prepared once for verification.
 pub struct Verifier {
     key: DecodingKey,
+    /// The key before the last reload, accepted until the given Unix time, so tokens
+    /// signed just before a key change still work while every process picks it up.
+    previous: Option<(DecodingKey, i64)>,
     validation: Validation,
 }
 
@@ -79,21 +82,36 @@ impl Verifier {
         validation.required_spec_claims.clear();
         Verifier {
             key: DecodingKey::from_secret(key),
+            previous: None,
             validation,
         }
     }
 
+    /// Switches to a new key; the current one stays valid until `grace_until` (Unix s).
+    pub fn rotate(&mut self, new_key: &[u8], grace_until: i64) {
+        let old = std::mem::replace(&mut self.key, DecodingKey::from_secret(new_key));
+        self.previous = Some((old, grace_until));
+    }
+
+    fn decode(&self, token: &str, key: &DecodingKey) -> Result<Map<String, Value>, TokenError> {
+        jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation)
+            .map(|d| d.claims)
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                match e.kind() {
+                    ErrorKind::InvalidSignature => TokenError::Signature,
+                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => TokenError::Algorithm,
+                    _ => TokenError::Malformed,
+                }
+            })
+    }
+
     /// Verifies the signature and returns the claims, with `exp` and `nbf` checked.
     fn claims(&self, token: &str, now: i64) -> Result<Map<String, Value>, TokenError> {
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind;
-            match e.kind() {
-                ErrorKind::InvalidSignature => TokenError::Signature,
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => TokenError::Algorithm,
-                _ => TokenError::Malformed,
-            }
-        })?;
-        let claims = data.claims;
+        let claims = match (self.decode(token, &self.key), &self.previous) {
+            (Err(TokenError::Signature), Some((old, until))) if now < *until => self.decode(token, old)?,
+            (result, _) => result?,
+        };
         match claim(&claims, "exp").and_then(Value::as_i64) {
             Some(exp) if exp > now => {}
             _ => return Err(TokenError::Expired),
@@ -263,6 +281,17 @@ pub(crate) mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn rotated_key_keeps_the_old_one_for_the_grace_period() {
+        let mut v = verifier();
+        let old = hs256(json!({"exp": NOW + 600}));
+        v.rotate(b"new key", NOW + 300);
+        let new = sign(Algorithm::HS256, &json!({"exp": NOW + 600}), b"new key");
+        assert_eq!(v.verify_event(&new, NOW), Ok(()));
+        assert_eq!(v.verify_event(&old, NOW + 299), Ok(()));
+        assert_eq!(v.verify_event(&old, NOW + 300), Err(TokenError::Signature));
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub struct Config {
     pub group_cache_ttl: Duration,
     /// Connect and query timeout of one group lookup attempt (`group_lookup_timeout`, s).
     pub group_lookup_timeout: Duration,
+    /// Address of the Prometheus metrics listener (`metrics_listen`, e.g.
+    /// `127.0.0.1:9383`); off when unset. Keep it off the public proxy.
+    pub metrics_listen: Option<String>,
 }
 
 impl fmt::Debug for Config {
@@ -117,6 +120,7 @@ impl Default for Config {
             groupmgr_db: None,
             group_cache_ttl: Duration::from_secs(10),
             group_lookup_timeout: Duration::from_secs(3),
+            metrics_listen: None,
         }
     }
 }
@@ -144,6 +148,8 @@ enum Kind {
     Key,
     Seconds,
     Path,
+    /// A socket address, `host:port`.
+    Addr,
     /// A count with its smallest allowed value.
     Count(usize),
 }
@@ -208,6 +214,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
         "NOTIFICATION_SERVER_GROUP_LOOKUP_TIMEOUT",
         Kind::Seconds,
     ),
+    ("metrics_listen", "NOTIFICATION_SERVER_METRICS_LISTEN", Kind::Addr),
 ];
 
 /// Every `[notification]` key this server understands, with its environment variable.
@@ -258,6 +265,13 @@ impl Config {
             Kind::Level => self.log_level = parse_level(value)?,
             Kind::Key => self.jwt_private_key = value.as_bytes().to_vec(),
             Kind::Path => self.groupmgr_db = Some(value.into()),
+            Kind::Addr => {
+                use std::net::ToSocketAddrs;
+                if value.to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
+                    return Err(format!("{value:?} is not an address such as 127.0.0.1:9383"));
+                }
+                self.metrics_listen = Some(value.to_string());
+            }
             Kind::Seconds => {
                 let d = parse_seconds(value)?;
                 match key {

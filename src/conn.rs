@@ -146,6 +146,8 @@ pub struct Ctx<'a> {
     pub now: Millis,
     /// The server is draining: refuse new upgrades with 503.
     pub draining: bool,
+    /// The rendered metrics, for connections of the metrics listener.
+    pub metrics: Option<&'a str>,
 }
 
 /// A connection speaking HTTP/1.1.
@@ -165,13 +167,18 @@ pub struct HttpConn<S = mio::net::TcpStream> {
     upgrade_after_write: bool,
     /// `X-Forwarded-For` of the upgrade request, kept for the websocket's log lines.
     pub forwarded_for: Option<Box<str>>,
+    /// Accepted on the metrics listener: serves `/metrics` only.
+    pub metrics: bool,
 }
 
 /// Counters an HTTP connection reports back for metrics.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct HttpTally {
     pub requests: u64,
-    pub token_rejections: u64,
+    /// Causes of refused event tokens (rare, so a list is fine).
+    pub token_rejections: Vec<auth::TokenError>,
+    pub events_ignored: u64,
+    pub events_invalid: u64,
 }
 
 impl<S: Stream> HttpConn<S> {
@@ -187,6 +194,7 @@ impl<S: Stream> HttpConn<S> {
             close_after_write: None,
             upgrade_after_write: false,
             forwarded_for: None,
+            metrics: false,
         }
     }
 
@@ -322,6 +330,14 @@ impl<S: Stream> HttpConn<S> {
     fn answer(&mut self, head: &Head, total: usize, ctx: &Ctx, events: &mut Vec<Event>, tally: &mut HttpTally) {
         let head_only = head.method == "HEAD";
         let keep = head.keep_alive;
+        if self.metrics {
+            // The metrics listener serves only /metrics; the public routes do not exist here.
+            match (head.metrics_path, ctx.metrics) {
+                (true, Some(text)) => self.out.extend_from_slice(&http::metrics(text, keep)),
+                _ => self.out.extend_from_slice(&http::not_found(keep, head_only)),
+            }
+            return;
+        }
         match head.route {
             Some(Route::Ping) => self.out.extend_from_slice(&http::pong(keep, head_only)),
             Some(Route::Events) => {
@@ -331,7 +347,7 @@ impl<S: Stream> HttpConn<S> {
                     None => Err(auth::TokenError::Malformed),
                 };
                 if let Err(e) = verdict {
-                    tally.token_rejections += 1;
+                    tally.token_rejections.push(e);
                     log::warn!("refused event from {}: bad token ({})", self.peer, e.label());
                     self.out.extend_from_slice(&http::token_mismatch(keep));
                     return;
@@ -342,10 +358,12 @@ impl<S: Stream> HttpConn<S> {
                         events.push(ev);
                     }
                     Parsed::Ignored(why) => {
+                        tally.events_ignored += 1;
                         log::warn!("ignored event from {}: {why}", self.peer);
                         self.out.extend_from_slice(&http::ok_empty(keep));
                     }
                     Parsed::Invalid => {
+                        tally.events_invalid += 1;
                         log::info!("event body from {} is not a JSON object with a string type", self.peer);
                         self.out.extend_from_slice(&http::bad_event_body(keep));
                     }
@@ -727,6 +745,7 @@ mod tests {
             unix_now: 1_800_000_000,
             now: 0,
             draining: false,
+            metrics: None,
         };
         let stream = ScriptedStream::new(chunks.into_iter().map(<[u8]>::to_vec));
         let mut conn = HttpConn::new(stream, peer(), 0, &config);
@@ -755,6 +774,7 @@ mod tests {
             unix_now: 0,
             now: 0,
             draining: false,
+            metrics: None,
         };
         let many = b"GET /ping HTTP/1.1\r\n\r\n".repeat(20_000);
         let mut stream = ScriptedStream::new(many.chunks(4096).map(<[u8]>::to_vec));

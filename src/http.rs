@@ -39,6 +39,8 @@ pub struct Head {
     pub len: usize,
     pub method: String,
     pub route: Option<Route>,
+    /// The path is `/metrics` (served only on the metrics listener).
+    pub metrics_path: bool,
     /// Content-Length, 0 when absent.
     pub content_length: usize,
     /// Whether the connection stays open after this request.
@@ -123,6 +125,7 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
         len,
         method: method.to_string(),
         route: Some(route(target)),
+        metrics_path: target.split('?').next() == Some("/metrics"),
         keep_alive: version == 1,
         ..Head::default()
     };
@@ -216,6 +219,20 @@ pub fn bad_event_body(keep_alive: bool) -> Vec<u8> {
 /// 404 with Go's body.
 pub fn not_found(keep_alive: bool, head_only: bool) -> Vec<u8> {
     plain(404, "Not Found", "404 page not found\n", keep_alive, head_only)
+}
+
+/// The Prometheus scrape answer.
+pub fn metrics(text: &str, keep_alive: bool) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\n",
+        text.len()
+    );
+    if !keep_alive {
+        r.push_str("Connection: close\r\n");
+    }
+    r.push_str("\r\n");
+    r.push_str(text);
+    r.into_bytes()
 }
 
 /// 503 when the server is draining for shutdown.

@@ -7,6 +7,8 @@
 //!
 //! - [`config`]: every setting, its default, seafile.conf and environment, validation;
 //! - [`logging`]: the official log line format, log file, SIGUSR1 reopen;
+//! - [`metrics`]: counters, gauges and their Prometheus rendering;
+//! - [`sdnotify`]: systemd readiness, stopping, reloading and watchdog messages;
 //! - [`server`]: the reactor: accept, dispatch, fan-out, timers, flush, teardown;
 //! - [`conn`]: one connection's state machine (HTTP, then maybe websocket) and its I/O;
 //! - [`http`]: pure HTTP/1.1 heads, routes and responses;
@@ -32,6 +34,8 @@ pub mod groups;
 pub mod http;
 pub mod lenient;
 pub mod logging;
+pub mod metrics;
+pub mod sdnotify;
 pub mod server;
 pub mod subs;
 pub mod ws;

@@ -164,13 +164,26 @@ fn main() -> ExitCode {
         eprintln!("notification-server: {e}");
         return ExitCode::FAILURE;
     }
-    let server = match Server::new(config, listener, groups) {
+    let metrics_listen = config.metrics_listen.clone();
+    let mut server = match Server::new(config, listener, groups) {
         Ok(s) => s,
         Err(e) => {
             log::error!("cannot start: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = metrics_listen {
+        server = match std::net::TcpListener::bind(&addr).and_then(|l| server.with_metrics(l)) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot listen for metrics on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        log::info!("metrics on http://{addr}/metrics");
+    }
+    let dir = args.config_dir.clone();
+    let server = server.with_reloader(Box::new(move || load_config(&dir)));
     log::info!("notification server started, listening on {}", server.local_addr());
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,

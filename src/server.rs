@@ -26,11 +26,13 @@ use crate::config::Config;
 use crate::conn::{Ctx, HttpConn, HttpStep, HttpTally, Millis, Reason, Sent, WsConn, WsRead, ms};
 use crate::event::{self, Audience, Event};
 use crate::groups::{Backend, Lookups};
+use crate::metrics::{self, Gauges, Stats};
+use crate::sdnotify::Notifier;
 use crate::subs::Subs;
 use crate::ws::ClientMsg;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -43,6 +45,14 @@ use tungstenite::protocol::frame::coding::CloseCode;
 const LISTENER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
+const METRICS: Token = Token(usize::MAX - 3);
+
+/// How long the key in use before a reload keeps being accepted after it (seconds): long
+/// enough for seaf-server and seahub to be restarted with the new key.
+pub const KEY_GRACE_SECONDS: i64 = 300;
+
+/// Re-reads the configuration on SIGHUP.
+pub type Reloader = Box<dyn Fn() -> Result<(Config, Option<Backend>), String>>;
 
 /// Events held back behind a pending group lookup, over all libraries. Past it, a new
 /// event for a held library is dropped (and counted) rather than queued without bound.
@@ -70,22 +80,6 @@ enum AcceptPause {
     AtCapacity,
     /// Out of file descriptors (EMFILE/ENFILE): retried on each timer tick.
     NoDescriptors,
-}
-
-/// Counters, kept cheap (plain integers on the loop thread).
-#[derive(Debug, Default, Clone)]
-pub struct Stats {
-    pub accepted: u64,
-    pub http_requests: u64,
-    pub events: u64,
-    pub deliveries: u64,
-    pub event_token_rejections: u64,
-    pub client_token_rejections: u64,
-    pub group_events_dropped: u64,
-    pub group_lookups: u64,
-    pub group_lookup_failures: u64,
-    pub held_events_dropped: u64,
-    pub evictions: u64,
 }
 
 /// A group's members, as of `fetched`.
@@ -146,6 +140,15 @@ pub struct Server {
     /// lookup is pending, so that a library's events never overtake one another.
     held: HashMap<Box<str>, VecDeque<Event>>,
     held_count: usize,
+    /// The metrics listener, if `metrics_listen` is set.
+    metrics_listener: Option<TcpListener>,
+    /// The group backend in use (a reload cannot switch it).
+    group_backend: Option<Backend>,
+    reloader: Option<Reloader>,
+    notifier: Notifier,
+    next_watchdog: Millis,
+    /// EMFILE/ENFILE was logged; it is logged again only after an accept succeeded.
+    fd_exhaustion_logged: bool,
     /// How often the sweep runs.
     tick: Millis,
     next_tick: Millis,
@@ -160,10 +163,10 @@ impl Server {
         let mut listener = TcpListener::from_std(listener);
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
-        let lookups = match groups {
+        let lookups = match groups.clone() {
             Some(backend) => Some(Lookups::spawn(backend, config.group_lookup_timeout, waker.clone())?),
             None => {
                 log::warn!(
@@ -198,10 +201,33 @@ impl Server {
             failed_groups: HashSet::new(),
             held: HashMap::new(),
             held_count: 0,
+            metrics_listener: None,
+            group_backend: groups,
+            reloader: None,
+            notifier: Notifier::from_env(),
+            next_watchdog: 0,
+            fd_exhaustion_logged: false,
             tick,
             next_tick: tick,
             stats: Stats::default(),
         })
+    }
+
+    /// Serves Prometheus metrics on a second, already-bound listener.
+    pub fn with_metrics(mut self, listener: std::net::TcpListener) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        self.poll
+            .registry()
+            .register(&mut listener, METRICS, Interest::READABLE)?;
+        self.metrics_listener = Some(listener);
+        Ok(self)
+    }
+
+    /// Lets SIGHUP re-read the configuration with `reloader`.
+    pub fn with_reloader(mut self, reloader: Reloader) -> Server {
+        self.reloader = Some(reloader);
+        self
     }
 
     /// The address actually listened on.
@@ -224,6 +250,7 @@ impl Server {
     /// or a second signal arrived.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_PER_POLL);
+        self.notifier.ready();
         loop {
             let now = self.now();
             let timeout = if self.unread.is_empty() {
@@ -236,11 +263,13 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+            let turn_started = Instant::now();
             let now = self.now();
             let unix_now = Self::unix_now();
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(now),
+                    LISTENER => self.accept(now, false),
+                    METRICS => self.accept(now, true),
                     WAKER => self.on_lookup_replies(now),
                     SIGNALS => {
                         if self.on_signals(now) {
@@ -262,15 +291,23 @@ impl Server {
             if now >= self.next_tick {
                 self.sweep(now, unix_now);
                 self.next_tick = now + self.tick;
+                if let Some(every) = self.notifier.watchdog_every
+                    && now >= self.next_watchdog
+                {
+                    // Petted from the loop itself: a loop that stops turning stops petting.
+                    self.notifier.watchdog();
+                    self.next_watchdog = now + ms(every);
+                }
             }
             self.flush_dirty(now);
             self.teardown();
             if self.accept_pause == Some(AcceptPause::AtCapacity) && self.conns.len() < self.config.max_connections {
                 self.accept_pause = None;
-                self.accept(now);
+                self.accept(now, false);
                 self.flush_dirty(now);
                 self.teardown();
             }
+            self.stats.turn(turn_started.elapsed().as_secs_f64());
             if let Some(deadline) = self.drain_deadline {
                 if self.conns.is_empty() {
                     log::info!("shutdown complete: every connection closed");
@@ -289,15 +326,22 @@ impl Server {
 
     /// Accepts until the backlog is empty, the connection cap is reached or descriptors
     /// run out.
-    fn accept(&mut self, now: Millis) {
-        if self.accept_pause.is_some() {
+    fn accept(&mut self, now: Millis, metrics: bool) {
+        if !metrics && self.accept_pause.is_some() {
             return;
         }
-        let Some(listener) = self.listener.as_ref() else {
+        let listener = if metrics {
+            self.metrics_listener.as_ref()
+        } else {
+            self.listener.as_ref()
+        };
+        let Some(listener) = listener else {
             return;
         };
         loop {
-            if self.conns.len() >= self.config.max_connections {
+            // The metrics listener is for a local scraper: it is not held to the cap that
+            // protects the public side, so a full server can still be observed.
+            if !metrics && self.conns.len() >= self.config.max_connections {
                 log::warn!(
                     "at max_connections ({}): not accepting until a connection closes",
                     self.config.max_connections
@@ -307,6 +351,7 @@ impl Server {
             }
             match listener.accept() {
                 Ok((mut stream, peer)) => {
+                    self.fd_exhaustion_logged = false;
                     let _ = stream.set_nodelay(true);
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
@@ -318,7 +363,9 @@ impl Server {
                         log::warn!("cannot register connection from {peer}: {e}");
                         continue;
                     }
-                    entry.insert(Conn::Http(HttpConn::new(stream, peer, now, &self.config)));
+                    let mut conn = HttpConn::new(stream, peer, now, &self.config);
+                    conn.metrics = metrics;
+                    entry.insert(Conn::Http(conn));
                     self.stats.accepted += 1;
                     log::debug!("connection {key} from {peer} accepted");
                 }
@@ -329,10 +376,15 @@ impl Server {
                         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                     ) =>
                 {
-                    log::warn!(
-                        "cannot accept: {e}; pausing accept until descriptors free up (raise LimitNOFILE or lower max_connections)"
-                    );
-                    self.accept_pause = Some(AcceptPause::NoDescriptors);
+                    if !self.fd_exhaustion_logged {
+                        self.fd_exhaustion_logged = true;
+                        log::warn!(
+                            "cannot accept: {e}; pausing accept until descriptors free up (raise LimitNOFILE or lower max_connections)"
+                        );
+                    }
+                    if !metrics {
+                        self.accept_pause = Some(AcceptPause::NoDescriptors);
+                    }
                     return;
                 }
                 Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
@@ -358,16 +410,71 @@ impl Server {
                     return true;
                 }
                 SIGTERM | SIGINT => self.begin_drain(now),
+                SIGHUP => self.reload(),
                 _ => {}
             }
         }
         false
     }
 
+    /// Re-reads the configuration and applies what can change live: log level, limits,
+    /// timeouts and the key (the old key stays valid for [`KEY_GRACE_SECONDS`]). Nothing is
+    /// disconnected. A bad new configuration is refused and the running one kept.
+    fn reload(&mut self) {
+        let Some(reloader) = self.reloader.as_ref() else {
+            log::warn!("SIGHUP ignored: no configuration to reload from");
+            return;
+        };
+        self.notifier.reloading();
+        match reloader() {
+            Err(e) => log::error!("reload refused, keeping the running configuration: {e}"),
+            Ok((new, groups)) => {
+                if new.host != self.config.host || new.port != self.config.port {
+                    log::warn!("reload: host and port changes take effect only after a restart");
+                }
+                if new.metrics_listen != self.config.metrics_listen {
+                    log::warn!("reload: metrics_listen changes take effect only after a restart");
+                }
+                if groups != self.group_backend {
+                    log::warn!("reload: group database changes take effect only after a restart");
+                }
+                if new.jwt_private_key != self.config.jwt_private_key {
+                    self.verifier
+                        .rotate(&new.jwt_private_key, Self::unix_now() + KEY_GRACE_SECONDS);
+                    log::info!("reload: new JWT key in use; the previous one is accepted for {KEY_GRACE_SECONDS} s");
+                }
+                let ws_config = crate::ws::socket_config(&new);
+                for (_, conn) in self.conns.iter_mut() {
+                    if let Conn::Ws(w) = conn {
+                        w.ws.set_config(|c| *c = ws_config);
+                    }
+                }
+                let (host, port, metrics_listen) = (
+                    self.config.host.clone(),
+                    self.config.port,
+                    self.config.metrics_listen.clone(),
+                );
+                self.config = Config {
+                    host,
+                    port,
+                    metrics_listen,
+                    ..new
+                };
+                self.tick = (ms(self.config.ping_interval) / 4).clamp(10, 250);
+                // Shown whatever the old and new levels are: the admin asked for it.
+                crate::logging::set_level(new.log_level.max(log::LevelFilter::Info));
+                log::info!("configuration reloaded (log level {})", new.log_level);
+                crate::logging::set_level(new.log_level);
+            }
+        }
+        self.notifier.ready();
+    }
+
     /// Stops accepting, sends Close 1001 to every websocket, closes idle HTTP
     /// connections and lets busy ones finish, all within `shutdown_timeout`.
     fn begin_drain(&mut self, now: Millis) {
         log::info!("shutting down: draining {} connection(s)", self.conns.len());
+        self.notifier.stopping();
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
@@ -406,6 +513,8 @@ impl Server {
     fn serve_http(&mut self, key: usize, now: Millis, unix_now: i64) {
         let mut tally = HttpTally::default();
         let mut events = std::mem::take(&mut self.events);
+        let is_metrics = matches!(self.conns.get(key), Some(Conn::Http(h)) if h.metrics);
+        let metrics_text = is_metrics.then(|| metrics::render(&self.stats, &self.gauges()));
         let step = {
             let ctx = Ctx {
                 config: &self.config,
@@ -413,6 +522,7 @@ impl Server {
                 unix_now,
                 now,
                 draining: self.drain_deadline.is_some(),
+                metrics: metrics_text.as_deref(),
             };
             let Some(Conn::Http(h)) = self.conns.get_mut(key) else {
                 return;
@@ -420,7 +530,11 @@ impl Server {
             h.on_ready(&ctx, &mut events, &mut tally)
         };
         self.stats.http_requests += tally.requests;
-        self.stats.event_token_rejections += tally.token_rejections;
+        self.stats.events_ignored += tally.events_ignored;
+        self.stats.events_invalid += tally.events_invalid;
+        for e in tally.token_rejections {
+            self.stats.event_token_rejected(e);
+        }
         // The 200s are written (or queued behind a full socket); now the fan-out.
         for ev in events.drain(..) {
             self.deliver(ev, now);
@@ -431,6 +545,29 @@ impl Server {
             HttpStep::Close(reason) => self.doomed.push((key, reason)),
             HttpStep::Upgrade => self.upgrade(key, now, unix_now),
         }
+    }
+
+    /// What the server holds right now, for a metrics scrape.
+    fn gauges(&self) -> Gauges {
+        let mut g = Gauges {
+            subscriptions: self.subs.total() as u64,
+            repos: self.subs.repo_count() as u64,
+            held_events: self.held_count as u64,
+            pending_group_lookups: self.pending_groups.len() as u64,
+            accept_paused: self.accept_pause.is_some(),
+            draining: self.drain_deadline.is_some(),
+            group_database: self.lookups.is_some(),
+            resident_bytes: metrics::resident_bytes(),
+            ..Gauges::default()
+        };
+        for (_, conn) in &self.conns {
+            match conn {
+                Conn::Http(_) | Conn::Upgrading => g.http_connections += 1,
+                Conn::Ws(w) if w.close_deadline.is_some() => g.closing_connections += 1,
+                Conn::Ws(_) => g.websocket_connections += 1,
+            }
+        }
+        g
     }
 
     fn upgrade(&mut self, key: usize, now: Millis, unix_now: i64) {
@@ -508,7 +645,7 @@ impl Server {
                             log::debug!("connection {key} subscribed to {repo_id} until {}", grant.exp);
                         }
                         Err(e) => {
-                            self.stats.client_token_rejections += 1;
+                            self.stats.client_token_rejected(e);
                             log::debug!("connection {key}: token for {repo_id} refused ({})", e.label());
                             self.send(key, event::jwt_expired(&repo_id), now);
                         }
@@ -540,7 +677,7 @@ impl Server {
     /// Delivers an event, from whatever source, keeping each library's events in order:
     /// while one of its events waits for a group lookup, later ones queue behind it.
     pub fn deliver(&mut self, ev: Event, now: Millis) {
-        self.stats.events += 1;
+        self.stats.event(ev.kind);
         if let Some(queue) = self.held.get_mut(ev.repo_id.as_str()) {
             if self.held_count >= MAX_HELD_EVENTS {
                 self.stats.held_events_dropped += 1;
@@ -720,7 +857,7 @@ impl Server {
         }
         if self.accept_pause == Some(AcceptPause::NoDescriptors) {
             self.accept_pause = None;
-            self.accept(now);
+            self.accept(now, false);
         }
         let ping_interval = ms(self.config.ping_interval);
         let pong_timeout = ms(self.config.pong_timeout);
@@ -845,8 +982,8 @@ impl Server {
                 }
                 Conn::Upgrading => ("upgrading", String::new()),
             };
+            self.stats.closed(reason.label());
             if reason.is_warning() {
-                self.stats.evictions += 1;
                 log::warn!("closed {kind} connection {key} from {who}: {reason}");
             } else {
                 log::debug!("closed {kind} connection {key} from {who}: {reason}");

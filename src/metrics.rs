@@ -1,0 +1,349 @@
+//! Counters and gauges, and their Prometheus text rendering.
+//!
+//! The loop bumps plain integers (no atomics, no locks: it is the only thread that
+//! touches them); a scrape of the separate metrics listener renders them with the gauges
+//! the server computes at that moment. Pure: no I/O here.
+
+use crate::auth::TokenError;
+use crate::event::Kind;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// Every token refusal cause, in a fixed order for the counters.
+pub const TOKEN_ERRORS: [TokenError; 8] = [
+    TokenError::Malformed,
+    TokenError::Algorithm,
+    TokenError::Signature,
+    TokenError::Expired,
+    TokenError::NotYetValid,
+    TokenError::WrongRepo,
+    TokenError::ClientTokenOnEvents,
+    TokenError::BadClaim,
+];
+
+fn token_index(e: TokenError) -> usize {
+    TOKEN_ERRORS.iter().position(|t| *t == e).unwrap_or(0)
+}
+
+const KINDS: [Kind; 4] = [
+    Kind::RepoUpdate,
+    Kind::FileLockChanged,
+    Kind::FolderPermChanged,
+    Kind::CommentUpdate,
+];
+
+/// Upper bounds (seconds) of the loop turn time histogram.
+const TURN_BUCKETS: [f64; 7] = [0.000_05, 0.000_2, 0.001, 0.005, 0.02, 0.1, 1.0];
+
+/// Everything counted since start.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub accepted: u64,
+    pub http_requests: u64,
+    events: [u64; 4],
+    pub events_ignored: u64,
+    pub events_invalid: u64,
+    pub deliveries: u64,
+    event_token_rejections: [u64; 8],
+    client_token_rejections: [u64; 8],
+    pub group_events_dropped: u64,
+    pub group_lookups: u64,
+    pub group_lookup_failures: u64,
+    pub held_events_dropped: u64,
+    closes: BTreeMap<&'static str, u64>,
+    turn_buckets: [u64; 7],
+    turn_count: u64,
+    turn_seconds: f64,
+}
+
+impl Stats {
+    pub fn event(&mut self, kind: Kind) {
+        if let Some(n) = KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .and_then(|i| self.events.get_mut(i))
+        {
+            *n += 1;
+        }
+    }
+
+    pub fn events_total(&self) -> u64 {
+        self.events.iter().sum()
+    }
+
+    pub fn event_token_rejected(&mut self, e: TokenError) {
+        if let Some(n) = self.event_token_rejections.get_mut(token_index(e)) {
+            *n += 1;
+        }
+    }
+
+    pub fn client_token_rejected(&mut self, e: TokenError) {
+        if let Some(n) = self.client_token_rejections.get_mut(token_index(e)) {
+            *n += 1;
+        }
+    }
+
+    pub fn closed(&mut self, reason: &'static str) {
+        *self.closes.entry(reason).or_default() += 1;
+    }
+
+    pub fn closes(&self, reason: &str) -> u64 {
+        self.closes.get(reason).copied().unwrap_or(0)
+    }
+
+    /// Records how long one loop turn took.
+    pub fn turn(&mut self, seconds: f64) {
+        self.turn_count += 1;
+        self.turn_seconds += seconds;
+        for (bound, n) in TURN_BUCKETS.iter().zip(self.turn_buckets.iter_mut()) {
+            if seconds <= *bound {
+                *n += 1;
+            }
+        }
+    }
+}
+
+/// What the server is holding right now.
+#[derive(Debug, Default, Clone)]
+pub struct Gauges {
+    pub http_connections: u64,
+    pub websocket_connections: u64,
+    pub closing_connections: u64,
+    pub subscriptions: u64,
+    pub repos: u64,
+    pub held_events: u64,
+    pub pending_group_lookups: u64,
+    pub accept_paused: bool,
+    pub draining: bool,
+    pub group_database: bool,
+    pub resident_bytes: u64,
+}
+
+/// Renders the Prometheus text exposition format (version 0.0.4).
+pub fn render(s: &Stats, g: &Gauges) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v.to_string())];
+    metric(
+        "notification_connections",
+        "gauge",
+        "Open connections by state.",
+        &[
+            ("{state=\"http\"}".into(), g.http_connections.to_string()),
+            ("{state=\"websocket\"}".into(), g.websocket_connections.to_string()),
+            ("{state=\"closing\"}".into(), g.closing_connections.to_string()),
+        ],
+    );
+    metric(
+        "notification_subscriptions",
+        "gauge",
+        "Library subscriptions over all websockets.",
+        &one(g.subscriptions),
+    );
+    metric(
+        "notification_repos",
+        "gauge",
+        "Libraries with at least one subscriber.",
+        &one(g.repos),
+    );
+    metric(
+        "notification_accepted_connections_total",
+        "counter",
+        "Connections accepted.",
+        &one(s.accepted),
+    );
+    metric(
+        "notification_http_requests_total",
+        "counter",
+        "HTTP requests answered.",
+        &one(s.http_requests),
+    );
+    let events: Vec<_> = KINDS
+        .iter()
+        .zip(s.events.iter())
+        .map(|(k, n)| (format!("{{type=\"{}\"}}", k.name()), n.to_string()))
+        .collect();
+    metric(
+        "notification_events_received_total",
+        "counter",
+        "Events accepted for delivery, by type.",
+        &events,
+    );
+    metric(
+        "notification_events_refused_total",
+        "counter",
+        "Event bodies answered without delivery: ignored (200: unknown type, bad content) or invalid (500).",
+        &[
+            ("{outcome=\"ignored\"}".into(), s.events_ignored.to_string()),
+            ("{outcome=\"invalid\"}".into(), s.events_invalid.to_string()),
+        ],
+    );
+    metric(
+        "notification_deliveries_total",
+        "counter",
+        "Event messages queued to subscribers.",
+        &one(s.deliveries),
+    );
+    let mut rejections = Vec::new();
+    for (kind, counts) in [
+        ("event", &s.event_token_rejections),
+        ("client", &s.client_token_rejections),
+    ] {
+        for (e, n) in TOKEN_ERRORS.iter().zip(counts.iter()) {
+            rejections.push((format!("{{token=\"{kind}\",cause=\"{}\"}}", e.label()), n.to_string()));
+        }
+    }
+    metric(
+        "notification_token_rejections_total",
+        "counter",
+        "Refused tokens by kind and cause.",
+        &rejections,
+    );
+    let closes: Vec<_> = s
+        .closes
+        .iter()
+        .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), n.to_string()))
+        .collect();
+    metric(
+        "notification_closes_total",
+        "counter",
+        "Connections closed, by reason.",
+        &closes,
+    );
+    metric(
+        "notification_group_lookups_total",
+        "counter",
+        "Group membership lookups sent to the database.",
+        &one(s.group_lookups),
+    );
+    metric(
+        "notification_group_lookup_failures_total",
+        "counter",
+        "Group lookups that failed after retries.",
+        &one(s.group_lookup_failures),
+    );
+    metric(
+        "notification_group_events_dropped_total",
+        "counter",
+        "Group-scoped events dropped (no database, failed lookup, too many pending).",
+        &one(s.group_events_dropped),
+    );
+    metric(
+        "notification_held_events",
+        "gauge",
+        "Events waiting behind a group lookup.",
+        &one(g.held_events),
+    );
+    metric(
+        "notification_held_events_dropped_total",
+        "counter",
+        "Events dropped because too many were held.",
+        &one(s.held_events_dropped),
+    );
+    metric(
+        "notification_pending_group_lookups",
+        "gauge",
+        "Group lookups in flight.",
+        &one(g.pending_group_lookups),
+    );
+    metric(
+        "notification_group_database_configured",
+        "gauge",
+        "1 when a group database is configured.",
+        &one(g.group_database as u64),
+    );
+    metric(
+        "notification_accept_paused",
+        "gauge",
+        "1 while accepting is paused (connection cap or no descriptors).",
+        &one(g.accept_paused as u64),
+    );
+    metric(
+        "notification_draining",
+        "gauge",
+        "1 while shutting down.",
+        &one(g.draining as u64),
+    );
+    let mut turns: Vec<_> = TURN_BUCKETS
+        .iter()
+        .zip(s.turn_buckets.iter())
+        .map(|(b, n)| (format!("_bucket{{le=\"{b}\"}}"), n.to_string()))
+        .collect();
+    turns.push(("_bucket{le=\"+Inf\"}".into(), s.turn_count.to_string()));
+    turns.push(("_sum".into(), format!("{:.6}", s.turn_seconds)));
+    turns.push(("_count".into(), s.turn_count.to_string()));
+    metric(
+        "notification_loop_turn_seconds",
+        "histogram",
+        "Time the event loop spent per turn (between polls).",
+        &turns,
+    );
+    metric(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        &one(g.resident_bytes),
+    );
+    out
+}
+
+/// Resident memory of this process, from /proc (0 where unavailable).
+pub fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let mut s = Stats::default();
+        s.event(Kind::RepoUpdate);
+        s.event(Kind::RepoUpdate);
+        s.client_token_rejected(TokenError::Expired);
+        s.closed("pong_timeout");
+        s.turn(0.0001);
+        s.turn(2.0);
+        let g = Gauges {
+            websocket_connections: 3,
+            ..Gauges::default()
+        };
+        let text = render(&s, &g);
+        assert!(text.contains("notification_connections{state=\"websocket\"} 3\n"));
+        assert!(text.contains("notification_events_received_total{type=\"repo-update\"} 2\n"));
+        assert!(text.contains("notification_token_rejections_total{token=\"client\",cause=\"expired\"} 1\n"));
+        assert!(text.contains("notification_closes_total{reason=\"pong_timeout\"} 1\n"));
+        assert!(text.contains("notification_loop_turn_seconds_bucket{le=\"0.0002\"} 1\n"));
+        assert!(text.contains("notification_loop_turn_seconds_bucket{le=\"+Inf\"} 2\n"));
+        assert!(text.contains("# TYPE notification_deliveries_total counter\n"));
+        // Every sample line is "name{labels} value" or "name value".
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            assert!(
+                name.starts_with("notification_") || name.starts_with("process_"),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn resident_memory_is_read() {
+        assert!(resident_bytes() > 0);
+    }
+}
