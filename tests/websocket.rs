@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::time::{Duration, Instant};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -204,78 +204,6 @@ fn client_close_is_echoed() {
     let frame = a.recv_close();
     assert_eq!(frame.map(|f| f.code), Some(CloseCode::Normal));
     assert!(server.logs.wait_for("closed by peer", DEADLINE).is_some());
-}
-
-/// A raw websocket client that shows frame bytes.
-struct RawWs {
-    s: std::net::TcpStream,
-}
-
-impl RawWs {
-    fn connect(server: &Server) -> RawWs {
-        let mut s = connect(server.addr);
-        s.write_all(b"GET /notification HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: notification.seafile.com\r\n\r\n").unwrap();
-        let r = read_response(&mut s, true).unwrap();
-        assert_eq!(r.status, 101);
-        assert_eq!(
-            r.head,
-            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
-        RawWs { s }
-    }
-
-    /// Sends one masked frame.
-    fn send(&mut self, opcode: u8, payload: &[u8]) {
-        let mut f = vec![0x80 | opcode];
-        let mask = [1u8, 2, 3, 4];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n < 65536 => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.s.write_all(&f).unwrap();
-    }
-
-    /// Reads one frame: (first byte, payload).
-    fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
-        let mut h = [0u8; 2];
-        self.s.read_exact(&mut h).ok()?;
-        assert_eq!(h[1] & 0x80, 0, "server frames are unmasked");
-        let len = match h[1] & 0x7f {
-            126 => {
-                let mut b = [0u8; 2];
-                self.s.read_exact(&mut b).ok()?;
-                u16::from_be_bytes(b) as usize
-            }
-            127 => {
-                let mut b = [0u8; 8];
-                self.s.read_exact(&mut b).ok()?;
-                u64::from_be_bytes(b) as usize
-            }
-            n => n as usize,
-        };
-        let mut p = vec![0; len];
-        self.s.read_exact(&mut p).ok()?;
-        Some((h[0], p))
-    }
-
-    /// The next non-control frame.
-    fn data_frame(&mut self) -> Option<(u8, Vec<u8>)> {
-        loop {
-            let f = self.frame()?;
-            if f.0 & 0x0f < 8 {
-                return Some(f);
-            }
-        }
-    }
 }
 
 #[test]

@@ -118,7 +118,35 @@ impl Server {
     /// Like [`Server::start_in`] with `-c conf`, a directory inside `dir` (which the server
     /// owns and removes).
     pub fn start_at(dir: TempDir, conf: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::launch(dir, conf, args, env, None)
+    }
+
+    /// Starts with the default test config plus `extra`, and at most `nofile` open files.
+    pub fn start_limited(extra: &str, nofile: u64) -> Server {
+        let dir = TempDir::new();
+        std::fs::write(dir.path().join("seafile.conf"), config_text(extra)).unwrap();
+        let conf = dir.path().to_path_buf();
+        Server::launch(dir, &conf, &["-l", "-"], &[], Some(nofile))
+    }
+
+    fn launch(dir: TempDir, conf: &Path, args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
         let mut cmd = binary();
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit between fork and exec, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.arg("-c")
             .arg(conf)
             .args(args)
@@ -419,5 +447,82 @@ impl Ws {
             }
         }
         None
+    }
+}
+
+/// A raw websocket client that shows frame bytes.
+pub struct RawWs {
+    pub s: std::net::TcpStream,
+}
+
+impl RawWs {
+    pub fn connect(server: &Server) -> RawWs {
+        let mut s = connect(server.addr);
+        s.write_all(b"GET /notification HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: notification.seafile.com\r\n\r\n").unwrap();
+        let r = read_response(&mut s, true).unwrap();
+        assert_eq!(r.status, 101);
+        assert_eq!(
+            r.head,
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        RawWs { s }
+    }
+
+    /// Sends one masked, final frame.
+    pub fn send(&mut self, opcode: u8, payload: &[u8]) {
+        self.send_raw(0x80 | opcode, payload);
+    }
+
+    /// Sends one masked frame with the given first byte (FIN, RSV bits and opcode).
+    pub fn send_raw(&mut self, first: u8, payload: &[u8]) {
+        let mut f = vec![first];
+        let mask = [1u8, 2, 3, 4];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.s.write_all(&f).unwrap();
+    }
+
+    /// Reads one frame: (first byte, payload).
+    pub fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut h = [0u8; 2];
+        self.s.read_exact(&mut h).ok()?;
+        assert_eq!(h[1] & 0x80, 0, "server frames are unmasked");
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                self.s.read_exact(&mut b).ok()?;
+                u16::from_be_bytes(b) as usize
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                self.s.read_exact(&mut b).ok()?;
+                u64::from_be_bytes(b) as usize
+            }
+            n => n as usize,
+        };
+        let mut p = vec![0; len];
+        self.s.read_exact(&mut p).ok()?;
+        Some((h[0], p))
+    }
+
+    /// The next non-control frame.
+    pub fn data_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            let f = self.frame()?;
+            if f.0 & 0x0f < 8 {
+                return Some(f);
+            }
+        }
     }
 }
