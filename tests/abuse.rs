@@ -57,12 +57,15 @@ fn close_code(raw: &mut RawWs) -> Option<u16> {
     code
 }
 
+/// Something a hostile client does on a fresh websocket.
+type Abuse = Box<dyn Fn(&mut RawWs)>;
+
 #[test]
 fn websocket_framing_abuse_closes_only_the_offender() {
     let server = Server::start("max_message_bytes = 4096");
     let mut healthy = Healthy::new(&server);
     let before = server.rss_kb();
-    let cases: Vec<(&str, Box<dyn Fn(&mut RawWs)>, Option<u16>)> = vec![
+    let cases: Vec<(&str, Abuse, Option<u16>)> = vec![
         (
             "unmasked frame",
             Box::new(|r: &mut RawWs| {
