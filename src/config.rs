@@ -78,6 +78,11 @@ pub struct Config {
     /// Address of the Prometheus metrics listener (`metrics_listen`, e.g.
     /// `127.0.0.1:9383`); off when unset. Keep it off the public proxy.
     pub metrics_listen: Option<String>,
+    /// Redis to share events with other instances through (`redis_url`,
+    /// `redis://[:password@]host[:port][/db]`); off when unset.
+    pub redis_url: Option<String>,
+    /// The pub/sub channel the instances share (`redis_channel`).
+    pub redis_channel: String,
 }
 
 impl fmt::Debug for Config {
@@ -91,6 +96,7 @@ impl fmt::Debug for Config {
             .field("ping_interval", &self.ping_interval)
             .field("pong_timeout", &self.pong_timeout)
             .field("max_connections", &self.max_connections)
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
             .finish_non_exhaustive()
     }
 }
@@ -121,6 +127,8 @@ impl Default for Config {
             group_cache_ttl: Duration::from_secs(10),
             group_lookup_timeout: Duration::from_secs(3),
             metrics_listen: None,
+            redis_url: None,
+            redis_channel: "seafile-notification".into(),
         }
     }
 }
@@ -150,6 +158,8 @@ enum Kind {
     Path,
     /// A socket address, `host:port`.
     Addr,
+    /// A Redis URL (may hold a password: never shown).
+    Url,
     /// A count with its smallest allowed value.
     Count(usize),
 }
@@ -215,6 +225,8 @@ const KEYS: &[(&str, &str, Kind)] = &[
         Kind::Seconds,
     ),
     ("metrics_listen", "NOTIFICATION_SERVER_METRICS_LISTEN", Kind::Addr),
+    ("redis_url", "NOTIFICATION_SERVER_REDIS_URL", Kind::Url),
+    ("redis_channel", "NOTIFICATION_SERVER_REDIS_CHANNEL", Kind::Text),
 ];
 
 /// Every `[notification]` key this server understands, with its environment variable.
@@ -255,7 +267,20 @@ impl Config {
                 if value.is_empty() {
                     return Err("must not be empty".into());
                 }
-                self.host = value.to_string();
+                match key {
+                    "host" => self.host = value.to_string(),
+                    "redis_channel" => self.redis_channel = value.to_string(),
+                    _ => return Err("internal: unknown text key".into()),
+                }
+            }
+            Kind::Url => {
+                if !(value.starts_with("redis://")
+                    || value.starts_with("redis+unix://")
+                    || value.starts_with("unix://"))
+                {
+                    return Err("is not a redis:// URL (redis://[:password@]host[:port][/db])".into());
+                }
+                self.redis_url = Some(value.to_string());
             }
             Kind::Port => {
                 self.port = value

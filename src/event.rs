@@ -5,6 +5,8 @@
 //! HTTP and, later, from a bus between instances.
 
 use crate::lenient::{Object, compact};
+use std::collections::HashSet;
+use std::sync::Arc;
 use tungstenite::Utf8Bytes;
 
 /// The four event types the official server forwards.
@@ -17,7 +19,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn from_type(t: &str) -> Option<Kind> {
+    /// The kind with this wire name.
+    pub fn from_name(t: &str) -> Option<Kind> {
         Some(match t {
             "repo-update" => Kind::RepoUpdate,
             "file-lock-changed" => Kind::FileLockChanged,
@@ -48,6 +51,16 @@ pub enum Audience {
     /// Subscriptions whose user is a member of this group (group-scoped folder
     /// permissions); needs a membership lookup.
     Group(i64),
+    /// Subscriptions whose user is in this set: a group already resolved by the
+    /// instance that received the event (see `bus.rs`).
+    Members(Arc<HashSet<Box<str>>>),
+}
+
+/// Where an event came from: a sender's `POST /events` here, or another instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Local,
+    Bus,
 }
 
 /// One event to deliver.
@@ -58,6 +71,7 @@ pub struct Event {
     pub audience: Audience,
     /// `{"type":…,"content":…}` plus a newline, as the official server writes it.
     pub frame: Utf8Bytes,
+    pub origin: Origin,
 }
 
 /// What became of an `/events` body.
@@ -84,7 +98,7 @@ pub fn parse(body: &[u8]) -> Parsed {
         Ok(t) => t.unwrap_or_default(),
         Err(_) => return Parsed::Invalid,
     };
-    let Some(kind) = Kind::from_type(&event_type) else {
+    let Some(kind) = Kind::from_name(&event_type) else {
         return Parsed::Ignored(format!("unknown event type {event_type:?}"));
     };
     let Some(raw_content) = top.get("content") else {
@@ -118,6 +132,7 @@ pub fn parse(body: &[u8]) -> Parsed {
         repo_id,
         audience,
         frame: frame.into(),
+        origin: Origin::Local,
     })
 }
 

@@ -17,6 +17,7 @@
 //! - [`auth`]: event and client token verification against an injected clock;
 //! - [`subs`]: the two-way subscription index;
 //! - [`groups`]: group membership lookups (MySQL, SQLite) on a helper thread;
+//! - [`bus`]: sharing events between instances through Redis pub/sub;
 //! - [`lenient`]: Go-compatible lenient JSON object access.
 
 // Nothing that input can reach may panic: these lints keep unwraps, expects, explicit
@@ -27,6 +28,7 @@
 )]
 
 pub mod auth;
+pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod event;

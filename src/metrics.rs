@@ -117,6 +117,18 @@ pub struct Gauges {
     pub draining: bool,
     pub group_database: bool,
     pub resident_bytes: u64,
+    /// The Redis bus, when configured.
+    pub bus: Option<BusGauges>,
+}
+
+/// The Redis bus's state and counters.
+#[derive(Debug, Default, Clone)]
+pub struct BusGauges {
+    pub connected: bool,
+    pub published: u64,
+    pub received: u64,
+    pub dropped: u64,
+    pub ignored: u64,
 }
 
 /// Renders the Prometheus text exposition format (version 0.0.4).

@@ -22,9 +22,10 @@
 //! already writable, so no edge is lost.
 
 use crate::auth::Verifier;
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::conn::{Ctx, HttpConn, HttpStep, HttpTally, Millis, Reason, Sent, WsConn, WsRead, ms};
-use crate::event::{self, Audience, Event};
+use crate::event::{self, Audience, Event, Origin};
 use crate::groups::{Backend, Lookups};
 use crate::metrics::{self, Gauges, Stats};
 use crate::sdnotify::Notifier;
@@ -126,6 +127,8 @@ pub struct Server {
     signals: Signals,
     /// Set while draining for shutdown: the time by which the process exits anyway.
     drain_deadline: Option<Millis>,
+    /// The Redis bus to the other instances, if `redis_url` is set.
+    bus: Option<Bus>,
     /// The group lookup helper, if a group database is configured.
     lookups: Option<Lookups>,
     /// Kept alive for the helper thread, which wakes the loop through it.
@@ -175,6 +178,18 @@ impl Server {
                 None
             }
         };
+        let bus = match &config.redis_url {
+            Some(url) => {
+                let bus = Bus::spawn(url, &config.redis_channel, waker.clone()).map_err(io::Error::other)?;
+                log::info!(
+                    "bus: instance {} shares events on Redis channel {:?}",
+                    bus.instance,
+                    config.redis_channel
+                );
+                Some(bus)
+            }
+            None => None,
+        };
         // Ticks fine enough for the shortest timer: a quarter of the ping interval, at
         // most 250 ms, which also bounds how late a token expiry is noticed.
         let tick = (ms(config.ping_interval) / 4).clamp(10, 250);
@@ -195,6 +210,7 @@ impl Server {
             signals,
             drain_deadline: None,
             lookups,
+            bus,
             _waker: waker,
             group_cache: HashMap::new(),
             pending_groups: HashMap::new(),
@@ -270,7 +286,10 @@ impl Server {
                 match ev.token() {
                     LISTENER => self.accept(now, false),
                     METRICS => self.accept(now, true),
-                    WAKER => self.on_lookup_replies(now),
+                    WAKER => {
+                        self.on_lookup_replies(now);
+                        self.on_bus_events(now);
+                    }
                     SIGNALS => {
                         if self.on_signals(now) {
                             return Ok(());
@@ -432,6 +451,9 @@ impl Server {
                 if new.host != self.config.host || new.port != self.config.port {
                     log::warn!("reload: host and port changes take effect only after a restart");
                 }
+                if new.redis_url != self.config.redis_url || new.redis_channel != self.config.redis_channel {
+                    log::warn!("reload: Redis bus changes take effect only after a restart");
+                }
                 if new.metrics_listen != self.config.metrics_listen {
                     log::warn!("reload: metrics_listen changes take effect only after a restart");
                 }
@@ -558,6 +580,17 @@ impl Server {
             draining: self.drain_deadline.is_some(),
             group_database: self.lookups.is_some(),
             resident_bytes: metrics::resident_bytes(),
+            bus: self.bus.as_ref().map(|b| {
+                use std::sync::atomic::Ordering::Relaxed;
+                let st = &b.stats;
+                metrics::BusGauges {
+                    connected: st.subscriber_connected.load(Relaxed) && st.publisher_connected.load(Relaxed),
+                    published: st.published.load(Relaxed),
+                    received: st.received.load(Relaxed),
+                    dropped: st.dropped.load(Relaxed),
+                    ignored: st.ignored.load(Relaxed),
+                }
+            }),
             ..Gauges::default()
         };
         for (_, conn) in &self.conns {
@@ -706,16 +739,23 @@ impl Server {
         let group = match &ev.audience {
             Audience::All => {
                 self.fan_out(ev, Filter::All, now);
+                self.publish(ev, None);
                 return Outcome::Done;
             }
             Audience::User(u) => {
                 self.fan_out(ev, Filter::User(u), now);
+                self.publish(ev, None);
+                return Outcome::Done;
+            }
+            Audience::Members(set) => {
+                self.fan_out(ev, Filter::Members(set), now);
+                self.publish(ev, None);
                 return Outcome::Done;
             }
             Audience::Group(g) => *g,
         };
-        // Nobody to tell: no lookup at all.
-        if self.subs.members(&ev.repo_id).is_empty() {
+        // Nobody to tell, here or (without a bus) anywhere: no lookup at all.
+        if self.bus.is_none() && self.subs.members(&ev.repo_id).is_empty() {
             return Outcome::Done;
         }
         // Never broadcast a group event: that would apply one group's permission to all.
@@ -734,9 +774,16 @@ impl Server {
                 dirty,
                 doomed,
                 stats,
+                bus,
                 ..
             } = self;
             fan_out(subs, conns, dirty, doomed, stats, ev, Filter::Members(members), now);
+            if let Some(bus) = bus.as_ref()
+                && ev.origin == Origin::Local
+                && let Some(message) = crate::bus::encode(&bus.instance, ev, Some(members))
+            {
+                bus.publish(message);
+            }
             return Outcome::Done;
         }
         if self.failed_groups.contains(&group) {
@@ -753,6 +800,28 @@ impl Server {
             log::debug!("looking up members of group {group}");
         }
         Outcome::Wait
+    }
+
+    /// Shares an event this instance received with the other instances (with the
+    /// audience as resolved here), if a bus is configured.
+    fn publish(&self, ev: &Event, members: Option<&HashSet<Box<str>>>) {
+        if let Some(bus) = self.bus.as_ref()
+            && ev.origin == Origin::Local
+            && let Some(message) = crate::bus::encode(&bus.instance, ev, members)
+        {
+            bus.publish(message);
+        }
+    }
+
+    /// Takes the events other instances published.
+    fn on_bus_events(&mut self, now: Millis) {
+        let received: Vec<Event> = match self.bus.as_ref() {
+            Some(bus) => bus.received().collect(),
+            None => return,
+        };
+        for ev in received {
+            self.deliver(ev, now);
+        }
     }
 
     fn drop_group_event(&mut self, ev: &Event, group: i64, why: &str) {

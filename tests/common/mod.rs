@@ -435,6 +435,30 @@ impl Ws {
         None
     }
 
+    /// Stays connected for `how_long` without sending anything but pong answers (the
+    /// reads answer the server's pings); panics if a message arrives meanwhile.
+    pub fn idle(&mut self, how_long: Duration) {
+        let until = Instant::now() + how_long;
+        self.ws
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        while Instant::now() < until {
+            match self.ws.read() {
+                Ok(Message::Ping(_) | Message::Pong(_)) => {
+                    let _ = self.ws.flush();
+                }
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    let _ = self.ws.flush();
+                }
+                other => panic!("unexpected while idle: {other:?}"),
+            }
+        }
+        self.ws.get_mut().set_read_timeout(Some(DEADLINE)).unwrap();
+    }
+
     /// Waits for the server's Close frame; returns its code, None if the socket ended
     /// without one or nothing came.
     pub fn recv_close(&mut self) -> Option<CloseFrame> {

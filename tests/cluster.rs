@@ -1,0 +1,265 @@
+//! Several real instances sharing events through a real `redis-server` (the Debian
+//! package; `.ci/deps` installs it) that the tests start on a free loopback port.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Redis {
+    port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Redis {
+            port,
+            dir: TempDir::new(),
+            child: None,
+        };
+        r.run();
+        r
+    }
+
+    fn run(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--dir", &self.dir.path().display().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: install redis-server (run .ci/deps)");
+        self.child = Some(child);
+        let deadline = Instant::now() + DEADLINE;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn publish_raw(&self, payload: &str) {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut c = client.get_connection().unwrap();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("seafile-notification")
+            .arg(payload)
+            .query(&mut c)
+            .unwrap();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts `n` instances on one Redis, each with `extra` config, and waits until each is
+/// subscribed to the channel.
+fn cluster(redis: &Redis, n: usize, extra: &str) -> Vec<Server> {
+    (0..n)
+        .map(|_| {
+            let s = Server::start(&format!("redis_url = {}\n{extra}", redis.url()));
+            assert!(s.logs.wait_for("bus: subscribed to Redis channel", DEADLINE).is_some());
+            s
+        })
+        .collect()
+}
+
+fn commit_of(m: &Value) -> String {
+    let c = &m["content"];
+    c["commit_id"]
+        .as_str()
+        .or_else(|| c["path"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Receives messages until `end`; returns the markers seen.
+fn until_end(ws: &mut Ws) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        let m = ws.recv().expect("message before the end marker");
+        let c = commit_of(&m);
+        let end = c == "end";
+        got.push(c);
+        if end {
+            return got;
+        }
+    }
+}
+
+/// Posts `end` to every instance's own `/events`, so each subscriber's `end` proves that
+/// everything before it on its instance was handled. The end markers do not cross
+/// instances before the preceding events (Redis keeps one publisher's order).
+fn post_end(origin: &Server) {
+    origin.post(&repo_update("r", "end"));
+}
+
+#[test]
+fn an_event_posted_to_one_instance_reaches_all_exactly_once() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis, 3, "");
+    let mut subs: Vec<Ws> = nodes
+        .iter()
+        .map(|n| {
+            let mut ws = n.ws();
+            ws.subscribe("r", "u");
+            ws
+        })
+        .collect();
+    nodes[0].post(&repo_update("r", "one"));
+    nodes[0].post(&repo_update("other-repo", "x"));
+    post_end(&nodes[0]);
+    for ws in &mut subs {
+        assert_eq!(until_end(ws), ["one", "end"]);
+    }
+    // And from another entry point.
+    nodes[2].post(&repo_update("r", "two"));
+    post_end(&nodes[2]);
+    for ws in &mut subs {
+        assert_eq!(until_end(ws), ["two", "end"]);
+    }
+}
+
+#[test]
+fn user_scoped_events_filter_on_every_instance() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis, 2, "");
+    let mut alice = nodes[1].ws();
+    alice.subscribe("r", "alice@x");
+    let mut bob = nodes[1].ws();
+    bob.subscribe("r", "bob@x");
+    let perm = json!({"type": "folder-perm-changed", "content": {"repo_id": "r", "path": "/for-alice", "type": "user",
+        "change_event": "add", "user": "alice@x", "group": -1, "perm": "r"}});
+    nodes[0].post(&perm);
+    post_end(&nodes[0]);
+    assert_eq!(until_end(&mut alice), ["/for-alice", "end"]);
+    assert_eq!(until_end(&mut bob), ["end"]);
+}
+
+#[test]
+fn a_group_event_is_looked_up_once_by_the_receiving_instance() {
+    let redis = Redis::start();
+    let dir = TempDir::new();
+    let db_path = dir.path().join("groupmgr.db");
+    let db = rusqlite::Connection::open(&db_path).unwrap();
+    db.execute_batch(
+        "CREATE TABLE GroupUser (group_id INTEGER, user_name VARCHAR(255), is_staff tinyint);
+         INSERT INTO GroupUser VALUES (5, 'alice@x', 0);",
+    )
+    .unwrap();
+    let nodes = cluster(&redis, 3, &format!("groupmgr_db = {}", db_path.display()));
+    let mut alice = nodes[1].ws();
+    alice.subscribe("r", "alice@x");
+    let mut carol = nodes[2].ws();
+    carol.subscribe("r", "carol@x");
+    // The receiving instance has no subscriber of its own: it still resolves the group.
+    let perm = json!({"type": "folder-perm-changed", "content": {"repo_id": "r", "path": "/g5", "type": "group",
+        "change_event": "add", "user": "", "group": 5, "perm": "rw"}});
+    nodes[0].post(&perm);
+    post_end(&nodes[0]);
+    assert_eq!(until_end(&mut alice), ["/g5", "end"]);
+    assert_eq!(until_end(&mut carol), ["end"]);
+    assert!(nodes[0].logs.contains("looking up members of group 5"));
+    assert!(!nodes[1].logs.contains("looking up members of group"));
+    assert!(!nodes[2].logs.contains("looking up members of group"));
+}
+
+#[test]
+fn redis_down_means_local_delivery_and_recovery_needs_no_restart() {
+    let mut redis = Redis::start();
+    let nodes = cluster(&redis, 2, "");
+    let mut a = nodes[0].ws();
+    a.subscribe("r", "u");
+    let mut b = nodes[1].ws();
+    b.subscribe("r", "u");
+    redis.stop();
+    assert!(
+        nodes[0]
+            .logs
+            .wait_for("bus: Redis subscription lost", DEADLINE)
+            .is_some()
+    );
+    // Each instance still serves its own subscribers.
+    nodes[0].post(&repo_update("r", "local-a"));
+    assert_eq!(commit_of(&a.recv().unwrap()), "local-a");
+    nodes[1].post(&repo_update("r", "local-b"));
+    assert_eq!(commit_of(&b.recv().unwrap()), "local-b");
+    nodes[0].assert_alive();
+    // Past the outbox age, events from the outage are not replayed; the outage is long
+    // enough here that what was queued is stale.
+    // The clients stay connected through it, answering pings.
+    for _ in 0..11 {
+        a.idle(Duration::from_millis(500));
+        b.idle(Duration::from_millis(500));
+    }
+    redis.run();
+    for n in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while n
+            .logs
+            .all()
+            .iter()
+            .filter(|l| l.contains("bus: subscribed to Redis channel"))
+            .count()
+            < 2
+        {
+            assert!(Instant::now() < deadline, "never resubscribed");
+            a.idle(Duration::from_millis(50));
+            b.idle(Duration::from_millis(50));
+        }
+    }
+    nodes[0].post(&repo_update("r", "back"));
+    post_end(&nodes[0]);
+    assert_eq!(until_end(&mut a), ["back", "end"]);
+    // b may see local-a only if it was replayed, which it must not be.
+    assert_eq!(until_end(&mut b), ["back", "end"]);
+}
+
+#[test]
+fn foreign_messages_on_the_channel_are_ignored() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis, 1, "");
+    let mut a = nodes[0].ws();
+    a.subscribe("r", "u");
+    for junk in ["hello", "{}", "{\"v\":1}", &"x".repeat(2_000_000)] {
+        redis.publish_raw(junk);
+    }
+    // A well-formed message from a (pretend) other instance is delivered.
+    let forged = json!({"v": 1, "from": "other", "repo": "r", "kind": "repo-update", "to": {"all": true},
+        "frame": "{\"type\":\"repo-update\",\"content\":{\"repo_id\":\"r\",\"commit_id\":\"via-bus\"}}\n"});
+    redis.publish_raw(&forged.to_string());
+    assert_eq!(commit_of(&a.recv().unwrap()), "via-bus");
+    assert!(nodes[0].logs.wait_for("bus: ignored a message", DEADLINE).is_some());
+    nodes[0].assert_alive();
+}
