@@ -293,7 +293,7 @@ fn subscriber(
                     Decoded::Foreign(why) => {
                         let n = stats.ignored.fetch_add(1, Ordering::Relaxed);
                         // The first and then every hundredth: a noisy channel must not flood the log.
-                        if n % 100 == 0 {
+                        if n.is_multiple_of(100) {
                             log::warn!("bus: ignored a message on {channel:?}: {why}");
                         }
                     }
