@@ -25,7 +25,9 @@ pub enum Route {
 pub fn route(target: &str) -> Route {
     let path = target.split('?').next().unwrap_or("");
     match path {
-        "/" | "/notification" | "/notification/" => Route::Upgrade,
+        // `//` is what `/notification/` becomes behind the manual's prefix-stripping
+        // nginx and Apache configurations.
+        "/" | "//" | "/notification" | "/notification/" => Route::Upgrade,
         "/ping" | "/ping/" | "//ping" | "/notification/ping" | "/notification/ping/" => Route::Ping,
         "/events" | "/events/" => Route::Events,
         _ => Route::NotFound,
@@ -279,7 +281,7 @@ mod tests {
 
     #[test]
     fn routes() {
-        for p in ["/", "/notification", "/notification/", "/?x=1"] {
+        for p in ["/", "//", "/notification", "/notification/", "/?x=1"] {
             assert_eq!(route(p), Route::Upgrade, "{p}");
         }
         for p in [

@@ -29,7 +29,7 @@ fn subscriber_receives_repo_update_with_every_field() {
 #[test]
 fn every_path_upgrades_and_binary_frames_subscribe() {
     let server = Server::start("");
-    for path in ["/", "/notification", "/notification/", "/?a=b"] {
+    for path in ["/", "//", "/notification", "/notification/", "/?a=b"] {
         let mut ws = Ws::connect(server.addr, path);
         let token = client_token("r", "u", unix_now() + 60);
         let msg = json!({"type": "subscribe", "content": {"repos": [{"id": "r", "jwt_token": token}]}});

@@ -1,0 +1,562 @@
+//! The example reverse-proxy configs in examples/proxy/, run through the real proxies
+//! (nginx, Apache httpd, Caddy, HAProxy as Debian ships them; `.ci/deps` installs them).
+//!
+//! Each test turns the example file into a runnable config (the listen address becomes a
+//! free loopback port, 127.0.0.1:8083 the test server, the idle timeout a short one), starts
+//! the proxy in the foreground, and checks through it: `/notification/ping`, a websocket on
+//! `/notification` that subscribes and receives an event, `/notification/events` not
+//! reaching the ingest endpoint, and a client that stays idle for more than twice the
+//! proxy's idle timeout and still receives an event afterwards, because the server's pings
+//! keep the connection busy. A second server with its pings turned off, behind a second
+//! copy of the proxy, shows that the timeout is really in force: that idle connection is
+//! cut by the proxy.
+//!
+//! A missing proxy binary fails its test: run `.ci/deps`.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tungstenite::Message;
+
+/// The idle timeout every proxy gets in the tests, in seconds. The server pings every
+/// second but skips a ping when the client was heard from within the last second, so two
+/// pings can be about 2 s apart (2.25 s at worst with its 250 ms tick); 4 s leaves room for
+/// that on a busy machine.
+const PROXY_TIMEOUT_SECS: u64 = 4;
+
+/// How long the idle client stays silent: more than twice the proxy's timeout.
+const IDLE: Duration = Duration::from_secs(9);
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    NginxSeafile11,
+    NginxCurrent,
+    Apache,
+    Caddy,
+    Haproxy,
+}
+
+impl Kind {
+    fn binary_name(self) -> &'static str {
+        match self {
+            Kind::NginxSeafile11 | Kind::NginxCurrent => "nginx",
+            Kind::Apache => "apache2",
+            Kind::Caddy => "caddy",
+            Kind::Haproxy => "haproxy",
+        }
+    }
+
+    fn example(self) -> &'static str {
+        match self {
+            Kind::NginxSeafile11 => "nginx-seafile11.conf",
+            Kind::NginxCurrent => "nginx-current.conf",
+            Kind::Apache => "apache.conf",
+            Kind::Caddy => "Caddyfile",
+            Kind::Haproxy => "haproxy.cfg",
+        }
+    }
+}
+
+/// The proxy binary, from PATH or the usual sbin directories; fails the test when missing.
+fn find_binary(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs =
+        std::env::split_paths(&path).chain(["/usr/sbin", "/usr/bin", "/sbin", "/usr/local/sbin"].map(PathBuf::from));
+    for dir in dirs {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "`{name}` is not installed, so the proxy test cannot run: run .ci/deps (it installs nginx, apache2, caddy and haproxy)"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Replaces every `from` with `to`; each `from` must occur, so an edit of the example that
+/// the test no longer matches fails loudly instead of testing something else.
+fn substitute(name: &str, text: &str, pairs: &[(&str, String)]) -> String {
+    let mut text = text.to_string();
+    for (from, to) in pairs {
+        assert!(text.contains(from), "examples/proxy/{name} no longer contains `{from}`");
+        text = text.replace(from, to);
+    }
+    text
+}
+
+/// A running proxy in its own process group; the group is stopped on drop.
+struct Proxy {
+    kind: Kind,
+    child: Child,
+    addr: SocketAddr,
+    dir: TempDir,
+}
+
+impl Proxy {
+    /// Starts `kind` on a free loopback port in front of `upstream`.
+    fn start(kind: Kind, upstream: SocketAddr) -> Proxy {
+        let binary = find_binary(kind.binary_name());
+        let example_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/proxy")
+            .join(kind.example());
+        let example = std::fs::read_to_string(&example_path).unwrap();
+        // A port found free can be taken before the proxy binds it: try a few.
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let dir = TempDir::new();
+            let port = free_port();
+            let mut cmd = command(kind, &binary, &example, dir.path(), port, upstream);
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::from(
+                    std::fs::File::create(dir.path().join("stdout.log")).unwrap(),
+                ))
+                .stderr(Stdio::from(
+                    std::fs::File::create(dir.path().join("stderr.log")).unwrap(),
+                ))
+                .process_group(0);
+            let child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            let mut proxy = Proxy {
+                kind,
+                child,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                dir,
+            };
+            match proxy.wait_ready() {
+                Ok(()) => return proxy,
+                Err(why) => failures.push(format!("{why}\n{}", proxy.logs())),
+            }
+        }
+        panic!("{kind:?} did not start:\n{}", failures.join("\n---\n"));
+    }
+
+    /// Polls the port until the proxy accepts connections; fails if it exits first.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Err(format!("exited with {status}"));
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("not listening on {} within {DEADLINE:?}", self.addr));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every log file the proxy wrote, for failure messages.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            paths.sort();
+            for p in paths {
+                if p.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    if !text.trim().is_empty() {
+                        out.push_str(&format!("== {:?}: {}\n{}\n", self.kind, p.display(), text.trim_end()));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // The whole group: nginx's workers must not outlive their master.
+        let group = self.child.id() as i32;
+        unsafe { libc::kill(-group, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes the runnable config for `kind` into `dir` and returns the command that runs the
+/// proxy in the foreground with it.
+fn command(kind: Kind, binary: &Path, example: &str, dir: &Path, port: u16, upstream: SocketAddr) -> Command {
+    let d = dir.display();
+    let name = kind.example();
+    let up = upstream.to_string();
+    let t = PROXY_TIMEOUT_SECS;
+    match kind {
+        Kind::NginxSeafile11 | Kind::NginxCurrent => {
+            let server = substitute(
+                name,
+                example,
+                &[
+                    ("listen 80;", format!("listen 127.0.0.1:{port};")),
+                    ("127.0.0.1:8083", up),
+                    ("proxy_read_timeout 60s;", format!("proxy_read_timeout {t}s;")),
+                ],
+            );
+            let conf = format!(
+                "worker_processes 1;\n\
+                 pid {d}/nginx.pid;\n\
+                 error_log {d}/error.log info;\n\
+                 events {{ worker_connections 256; }}\n\
+                 http {{\n\
+                 access_log {d}/access.log;\n\
+                 client_body_temp_path {d}/client_body;\n\
+                 proxy_temp_path {d}/proxy;\n\
+                 fastcgi_temp_path {d}/fastcgi;\n\
+                 uwsgi_temp_path {d}/uwsgi;\n\
+                 scgi_temp_path {d}/scgi;\n\
+                 {server}\n}}\n"
+            );
+            let path = dir.join("nginx.conf");
+            std::fs::write(&path, conf).unwrap();
+            let mut cmd = Command::new(binary);
+            cmd.arg("-p")
+                .arg(dir)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .arg("-c")
+                .arg(&path)
+                .args(["-g", "daemon off;"]);
+            cmd
+        }
+        Kind::Apache => {
+            let vhost = substitute(
+                name,
+                example,
+                &[
+                    ("<VirtualHost *:80>", format!("<VirtualHost 127.0.0.1:{port}>")),
+                    ("127.0.0.1:8083", up),
+                ],
+            );
+            let modules = [
+                "/usr/lib/apache2/modules",
+                "/usr/lib64/httpd/modules",
+                "/usr/libexec/apache2",
+            ]
+            .into_iter()
+            .find(|m| Path::new(m).join("mod_proxy.so").is_file())
+            .expect("apache2 is installed but mod_proxy.so was not found: run .ci/deps");
+            let mut load = String::new();
+            for (module, file) in [
+                ("mpm_event_module", "mod_mpm_event.so"),
+                ("authz_core_module", "mod_authz_core.so"),
+                ("proxy_module", "mod_proxy.so"),
+                ("proxy_http_module", "mod_proxy_http.so"),
+                ("proxy_wstunnel_module", "mod_proxy_wstunnel.so"),
+            ] {
+                load.push_str(&format!("LoadModule {module} {modules}/{file}\n"));
+            }
+            // As root, Apache's children drop to an unprivileged user.
+            let user = if is_root() { "User nobody\nGroup nogroup\n" } else { "" };
+            let conf = format!(
+                "ServerRoot {d}\n\
+                 ServerName 127.0.0.1\n\
+                 Listen 127.0.0.1:{port}\n\
+                 PidFile {d}/apache.pid\n\
+                 DefaultRuntimeDir {d}\n\
+                 Mutex file:{d} default\n\
+                 ErrorLog {d}/error.log\n\
+                 LogLevel warn\n\
+                 Timeout {t}\n\
+                 {load}{user}\n{vhost}\n"
+            );
+            let path = dir.join("apache.conf");
+            std::fs::write(&path, conf).unwrap();
+            let mut cmd = Command::new(binary);
+            cmd.arg("-X").arg("-d").arg(dir).arg("-f").arg(&path);
+            cmd
+        }
+        Kind::Caddy => {
+            let site = substitute(
+                name,
+                example,
+                &[
+                    (
+                        "seafile.example.com {",
+                        format!("http://127.0.0.1:{port} {{\n\tbind 127.0.0.1"),
+                    ),
+                    ("127.0.0.1:8083", up),
+                    ("read_timeout 60s", format!("read_timeout {t}s")),
+                ],
+            );
+            let conf = format!("{{\n\tadmin off\n\tauto_https off\n}}\n\n{site}");
+            let path = dir.join("Caddyfile");
+            std::fs::write(&path, conf).unwrap();
+            let mut cmd = Command::new(binary);
+            cmd.arg("run")
+                .arg("--config")
+                .arg(&path)
+                .args(["--adapter", "caddyfile"])
+                .env("HOME", dir)
+                .env("XDG_DATA_HOME", dir.join("data"))
+                .env("XDG_CONFIG_HOME", dir.join("config"));
+            cmd
+        }
+        Kind::Haproxy => {
+            let conf = substitute(
+                name,
+                example,
+                &[
+                    ("bind :80", format!("bind 127.0.0.1:{port}")),
+                    ("127.0.0.1:8083", up),
+                    // "seahub" answers 404 at once, from HAProxy itself.
+                    (
+                        "server seahub 127.0.0.1:8000",
+                        "http-request return status 404".to_string(),
+                    ),
+                    ("timeout tunnel  1h", format!("timeout tunnel  {t}s")),
+                ],
+            );
+            let path = dir.join("haproxy.cfg");
+            std::fs::write(&path, conf).unwrap();
+            let mut cmd = Command::new(binary);
+            cmd.arg("-db").arg("-f").arg(&path);
+            cmd
+        }
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; reads the whole answer (Content-Length,
+/// chunked or until EOF, whatever the proxy chose).
+fn http(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> Response {
+    let mut s = connect(addr);
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut all = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("reading the answer to {method} {path} from {addr}: {e}"),
+        }
+    }
+    let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| {
+        panic!(
+            "no complete answer to {method} {path}: {:?}",
+            String::from_utf8_lossy(&all)
+        )
+    });
+    let head_text = String::from_utf8_lossy(&all[..split]).into_owned();
+    let (status_line, head) = head_text.split_once("\r\n").unwrap_or((&head_text, ""));
+    let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut r = Response {
+        status,
+        head: head.to_string(),
+        body: all[split + 4..].to_vec(),
+    };
+    if r.header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        r.body = dechunk(&r.body);
+    }
+    r
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
+        let size_text = String::from_utf8_lossy(&data[..eol]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
+        data = &data[eol + 2 + size + 2..];
+    }
+    out
+}
+
+/// What an idle client saw.
+#[derive(Debug)]
+enum Idle {
+    /// Still open at the end; the server's pings and the largest gap between two of them.
+    Open { pings: usize, max_gap: Duration },
+    /// Closed (by the proxy or the server) after this long.
+    Closed { after: Duration, why: String },
+}
+
+/// Sends nothing for `how_long` but keeps reading, so that tungstenite answers the server's
+/// pings. Any text message is a test failure: nothing was posted.
+fn stay_idle(ws: &mut Ws, how_long: Duration) -> Idle {
+    let start = Instant::now();
+    ws.ws
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut pings = 0;
+    let mut last = start;
+    let mut max_gap = Duration::ZERO;
+    while start.elapsed() < how_long {
+        match ws.ws.read() {
+            Ok(Message::Ping(_)) => {
+                pings += 1;
+                max_gap = max_gap.max(last.elapsed());
+                last = Instant::now();
+            }
+            Ok(Message::Text(t)) => panic!("unexpected message while idle: {t}"),
+            Ok(Message::Close(f)) => {
+                return Idle::Closed {
+                    after: start.elapsed(),
+                    why: format!("close frame {f:?}"),
+                };
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => {
+                return Idle::Closed {
+                    after: start.elapsed(),
+                    why: e.to_string(),
+                };
+            }
+        }
+        // Sends the pong tungstenite queued for a ping, if any.
+        let _ = ws.ws.flush();
+    }
+    max_gap = max_gap.max(last.elapsed());
+    Idle::Open { pings, max_gap }
+}
+
+/// The whole check for one proxy config.
+fn check(kind: Kind) {
+    let server = Server::start("");
+    // Same server with its pings off: only the proxy's idle timeout can end its sockets.
+    let silent = Server::start("ping_interval = 30\npong_timeout = 60");
+    let proxy = Proxy::start(kind, server.addr);
+    let silent_proxy = Proxy::start(kind, silent.addr);
+    let context = || {
+        format!(
+            "{kind:?} ({})\n{}\n== server log\n{}",
+            kind.example(),
+            proxy.logs(),
+            server.logs.all().join("\n")
+        )
+    };
+
+    // Liveness probe, as the desktop client sends it.
+    let r = http(proxy.addr, "GET", "/notification/ping", "", "");
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "{\"ret\": \"pong\"}\n"),
+        "GET /notification/ping through {}: {r:?}",
+        context()
+    );
+
+    // The websocket: subscribe through the proxy.
+    let mut ws = Ws::connect(proxy.addr, "/notification");
+    ws.subscribe("repo-proxied", "alice@example.com");
+
+    // The ingest endpoint is not reachable under /notification, even with a valid sender
+    // token, whatever the proxy does with the path: refused, and nothing delivered.
+    let forged = repo_update("repo-proxied", "via-proxy").to_string();
+    let auth = format!(
+        "Authorization: Token {}\r\nContent-Type: application/json\r\n",
+        event_token()
+    );
+    for path in ["/notification/events", "/notification/events/"] {
+        let r = http(proxy.addr, "POST", path, &auth, &forged);
+        assert_ne!(r.status, 200, "POST {path} through {} was accepted: {r:?}", context());
+    }
+
+    // An event posted straight to the server arrives, and it is the first one.
+    server.post(&repo_update("repo-proxied", "before-idle"));
+    let m = ws.recv().unwrap_or_else(|| panic!("no event through {}", context()));
+    assert_eq!(m["content"]["commit_id"], "before-idle", "{m}");
+
+    let mut silent_ws = Ws::connect(silent_proxy.addr, "/notification");
+    silent_ws.subscribe("repo-silent", "bob@example.com");
+    let silent_idle = std::thread::spawn(move || stay_idle(&mut silent_ws, IDLE));
+
+    // Idle for more than twice the proxy's timeout: the server's pings keep it open...
+    match stay_idle(&mut ws, IDLE) {
+        Idle::Open { pings, max_gap } => {
+            assert!(
+                pings >= 3,
+                "only {pings} server pings in {IDLE:?} through {}",
+                context()
+            );
+            eprintln!("{kind:?}: {pings} server pings in {IDLE:?}, at most {max_gap:?} apart");
+        }
+        Idle::Closed { after, why } => panic!(
+            "the idle websocket through {} was closed after {after:?} ({why}), although the server pings",
+            context()
+        ),
+    }
+    // ...and it still works.
+    server.post(&repo_update("repo-proxied", "after-idle"));
+    let m = ws
+        .recv()
+        .unwrap_or_else(|| panic!("no event after the idle period through {}", context()));
+    assert_eq!(m["content"]["commit_id"], "after-idle", "{m}");
+
+    // The control: without server pings, the proxy's timeout ends the idle websocket.
+    match silent_idle.join().unwrap() {
+        Idle::Closed { after, .. } if after >= Duration::from_secs(PROXY_TIMEOUT_SECS) - Duration::from_millis(500) => {
+        }
+        other => panic!(
+            "without server pings the websocket through {kind:?} should be cut by its {PROXY_TIMEOUT_SECS} s idle timeout, \
+             so the test proves nothing; got {other:?}\n{}",
+            silent_proxy.logs()
+        ),
+    }
+    drop(ws);
+    drop(proxy);
+    drop(silent_proxy);
+}
+
+#[test]
+fn nginx_seafile11_form() {
+    check(Kind::NginxSeafile11);
+}
+
+#[test]
+fn nginx_current_form() {
+    check(Kind::NginxCurrent);
+}
+
+#[test]
+fn apache() {
+    check(Kind::Apache);
+}
+
+#[test]
+fn caddy() {
+    check(Kind::Caddy);
+}
+
+#[test]
+fn haproxy() {
+    check(Kind::Haproxy);
+}
