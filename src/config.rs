@@ -83,6 +83,55 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// The pub/sub channel the instances share (`redis_channel`).
     pub redis_channel: String,
+    /// A file holding the key (`jwt_private_key_file`), e.g. a systemd credential; read at
+    /// start and on every reload. `JWT_PRIVATE_KEY` still wins over it.
+    pub jwt_private_key_file: Option<std::path::PathBuf>,
+    /// Networks allowed to post `/events` (`events_allow`, comma-separated CIDRs such as
+    /// `127.0.0.1/32, 10.0.0.0/8`); empty means any address (the official behaviour).
+    pub events_allow: Vec<Cidr>,
+}
+
+/// An IPv4 or IPv6 network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `addr/prefix` or a bare address (a single host).
+    pub fn parse(text: &str) -> Option<Cidr> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a.parse().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (text.parse().ok()?, None),
+        };
+        let max = match addr {
+            std::net::IpAddr::V4(_) => 32,
+            std::net::IpAddr::V6(_) => 128,
+        };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is inside this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map(V4).unwrap_or(V6(v6)),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 impl fmt::Debug for Config {
@@ -129,6 +178,8 @@ impl Default for Config {
             metrics_listen: None,
             redis_url: None,
             redis_channel: "seafile-notification".into(),
+            jwt_private_key_file: None,
+            events_allow: Vec::new(),
         }
     }
 }
@@ -160,6 +211,10 @@ enum Kind {
     Addr,
     /// A Redis URL (may hold a password: never shown).
     Url,
+    /// A file name.
+    File,
+    /// A comma-separated list of networks.
+    Networks,
     /// A count with its smallest allowed value.
     Count(usize),
 }
@@ -227,6 +282,12 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("metrics_listen", "NOTIFICATION_SERVER_METRICS_LISTEN", Kind::Addr),
     ("redis_url", "NOTIFICATION_SERVER_REDIS_URL", Kind::Url),
     ("redis_channel", "NOTIFICATION_SERVER_REDIS_CHANNEL", Kind::Text),
+    (
+        "jwt_private_key_file",
+        "NOTIFICATION_SERVER_JWT_PRIVATE_KEY_FILE",
+        Kind::File,
+    ),
+    ("events_allow", "NOTIFICATION_SERVER_EVENTS_ALLOW", Kind::Networks),
 ];
 
 /// Every `[notification]` key this server understands, with its environment variable.
@@ -238,6 +299,19 @@ impl Config {
     /// Builds the configuration from the text of seafile.conf (if there is one; `file_name`
     /// is used in messages) and an environment lookup.
     pub fn load(file: Option<(&str, &str)>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        Config::load_with(file, env, &|path| {
+            Err(format!("{}: key files are not read here", path.display()))
+        })
+    }
+
+    /// Like [`Config::load`], with a reader for key files: `JWT_PRIVATE_KEY` wins, then
+    /// `jwt_private_key_file`, then a systemd credential `$CREDENTIALS_DIRECTORY/jwt_private_key`,
+    /// then `[notification] jwt_private_key`. A key file's trailing newline is dropped.
+    pub fn load_with(
+        file: Option<(&str, &str)>,
+        env: &dyn Fn(&str) -> Option<String>,
+        read_file: &dyn Fn(&std::path::Path) -> Result<String, String>,
+    ) -> Result<Config, ConfigError> {
         let mut config = Config::default();
         let section = match file {
             Some((name, text)) => Some((name, parse_section(name, text)?)),
@@ -257,6 +331,24 @@ impl Config {
                 .set(key, kind, &value)
                 .map_err(|reason| ConfigError(format!("{source}: {reason}")))?;
         }
+        if env("JWT_PRIVATE_KEY").is_none_or(|k| k.is_empty()) {
+            let strip = |k: String| k.trim_end_matches(['\r', '\n']).as_bytes().to_vec();
+            if let Some(path) = &config.jwt_private_key_file {
+                let key = read_file(path).map_err(|e| ConfigError(format!("jwt_private_key_file: {e}")))?;
+                config.jwt_private_key = strip(key);
+                if config.jwt_private_key.is_empty() {
+                    return Err(ConfigError(format!(
+                        "jwt_private_key_file: {} is empty",
+                        path.display()
+                    )));
+                }
+            } else if let Some(dir) = env("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
+                let path = std::path::Path::new(&dir).join("jwt_private_key");
+                if let Ok(key) = read_file(&path) {
+                    config.jwt_private_key = strip(key);
+                }
+            }
+        }
         config.validate(file.map(|(name, _)| name))?;
         Ok(config)
     }
@@ -272,6 +364,16 @@ impl Config {
                     "redis_channel" => self.redis_channel = value.to_string(),
                     _ => return Err("internal: unknown text key".into()),
                 }
+            }
+            Kind::File => self.jwt_private_key_file = Some(value.into()),
+            Kind::Networks => {
+                let mut nets = Vec::new();
+                for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    nets.push(
+                        Cidr::parse(part).ok_or_else(|| format!("{part:?} is not a network such as 10.0.0.0/8"))?,
+                    );
+                }
+                self.events_allow = nets;
             }
             Kind::Url => {
                 if !(value.starts_with("redis://")
@@ -531,6 +633,53 @@ mod tests {
     fn other_sections_and_unknown_keys_are_ignored() {
         let c = load("[database]\nport = x\n[notification]\njwt_private_key=k\nenabled = true\n").unwrap();
         assert_eq!(c.port, 8083);
+    }
+
+    #[test]
+    fn key_sources_in_order() {
+        let reader = |p: &std::path::Path| match p.to_str() {
+            Some("/k") => Ok("from-file\n".to_string()),
+            Some("/creds/jwt_private_key") => Ok("from-credential".to_string()),
+            Some("/empty") => Ok("\n".to_string()),
+            _ => Err("no such file".to_string()),
+        };
+        let text = "[notification]\njwt_private_key = from-conf\njwt_private_key_file = /k\n";
+        let c = Config::load_with(Some(("f", text)), &no_env, &reader).unwrap();
+        assert_eq!(c.jwt_private_key, b"from-file");
+        let env = |k: &str| (k == "JWT_PRIVATE_KEY").then(|| "from-env".to_string());
+        let c = Config::load_with(Some(("f", text)), &env, &reader).unwrap();
+        assert_eq!(c.jwt_private_key, b"from-env");
+        let creds = |k: &str| (k == "CREDENTIALS_DIRECTORY").then(|| "/creds".to_string());
+        let c = Config::load_with(Some(("f", "[notification]\njwt_private_key = c\n")), &creds, &reader).unwrap();
+        assert_eq!(c.jwt_private_key, b"from-credential");
+        let c = Config::load_with(None, &creds, &reader).unwrap();
+        assert_eq!(c.jwt_private_key, b"from-credential");
+        let e = Config::load_with(
+            Some(("f", "[notification]\njwt_private_key_file = /nope\n")),
+            &no_env,
+            &reader,
+        );
+        assert_eq!(e.unwrap_err().0, "jwt_private_key_file: no such file");
+        let e = Config::load_with(
+            Some(("f", "[notification]\njwt_private_key_file = /empty\n")),
+            &no_env,
+            &reader,
+        );
+        assert!(e.unwrap_err().0.contains("is empty"));
+    }
+
+    #[test]
+    fn events_allow_networks() {
+        let c =
+            load("[notification]\njwt_private_key = k\nevents_allow = 127.0.0.1, 10.0.0.0/8, ::1, fd00::/8\n").unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let allowed = |s: &str| c.events_allow.iter().any(|n| n.contains(ip(s)));
+        assert!(allowed("127.0.0.1") && allowed("10.200.3.4") && allowed("::1") && allowed("fd12::1"));
+        assert!(allowed("::ffff:10.1.2.3"), "IPv4-mapped addresses match IPv4 networks");
+        assert!(!allowed("127.0.0.2") && !allowed("11.0.0.1") && !allowed("fe80::1"));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
+        let e = load("[notification]\njwt_private_key = k\nevents_allow = 10.0.0.0/33\n").unwrap_err();
+        assert!(e.0.contains("events_allow"), "{e}");
     }
 
     #[test]

@@ -340,6 +340,19 @@ impl<S: Stream> HttpConn<S> {
         }
         match head.route {
             Some(Route::Ping) => self.out.extend_from_slice(&http::pong(keep, head_only)),
+            Some(Route::Events)
+                if !ctx.config.events_allow.is_empty()
+                    && !ctx.config.events_allow.iter().any(|n| n.contains(self.peer.ip())) =>
+            {
+                log::warn!("refused event from {}: address not in events_allow", self.peer);
+                self.out.extend_from_slice(&http::plain(
+                    403,
+                    "Forbidden",
+                    "events are not accepted from this address\n",
+                    keep,
+                    false,
+                ));
+            }
             Some(Route::Events) => {
                 let token = auth::event_token(head.authorization.as_deref(), head.seafile_repo_token.as_deref());
                 let verdict = match token {
@@ -380,7 +393,14 @@ impl<S: Stream> HttpConn<S> {
                     self.forwarded_for = head.x_forwarded_for.as_deref().map(Box::from);
                 }
                 Err(refusal) => {
-                    log::debug!("refused websocket upgrade from {}", self.peer);
+                    // Info, not debug: a proxy that drops Upgrade/Connection headers shows
+                    // up here, once per client reconnect (every 60 s for desktop clients).
+                    log::info!(
+                        "refused websocket upgrade from {}: {} {} (a proxy must forward the Upgrade and Connection headers)",
+                        self.peer,
+                        head.method,
+                        String::from_utf8_lossy(refusal.get(9..12).unwrap_or_default())
+                    );
                     self.out.extend_from_slice(&refusal);
                 }
             },

@@ -27,6 +27,9 @@ pub enum Target {
 
 struct Logger {
     to_stdout: bool,
+    /// Prefix each line with its syslog priority (`<4>` ...), which journald reads off
+    /// stderr, so `journalctl -p warning` works. Only when stderr is the journal.
+    journal_priority: bool,
 }
 
 static FILE_PATH: Mutex<Option<PathBuf>> = Mutex::new(None);
@@ -48,7 +51,18 @@ impl log::Log for Logger {
             log::Level::Trace => "TRACE",
         };
         let prefix = if self.to_stdout { "[notification-server] " } else { "" };
-        let line = format!("{prefix}[{}] [{level}] {}\n", local_timestamp(), record.args());
+        let priority = match (self.journal_priority, record.level()) {
+            (false, _) => "",
+            (true, log::Level::Error) => "<3>",
+            (true, log::Level::Warn) => "<4>",
+            (true, log::Level::Info) => "<6>",
+            (true, _) => "<7>",
+        };
+        let line = format!(
+            "{priority}{prefix}[{}] [{level}] {}\n",
+            local_timestamp(),
+            record.args()
+        );
         // One write call per line, so lines from the helper threads never interleave.
         let _ = if self.to_stdout {
             std::io::stdout().lock().write_all(line.as_bytes())
@@ -71,8 +85,11 @@ pub fn init(target: &Target, level: log::LevelFilter) -> Result<(), String> {
     }
     // SAFETY: tzset only (re)reads TZ into libc's own state, before any other thread runs.
     unsafe { tzset() };
+    // systemd sets JOURNAL_STREAM when it connects stderr to the journal.
+    let journal_priority = *target == Target::Stderr && std::env::var_os("JOURNAL_STREAM").is_some();
     let logger: &'static Logger = Box::leak(Box::new(Logger {
         to_stdout: *target == Target::Stdout,
+        journal_priority,
     }));
     log::set_logger(logger).map_err(|e| format!("cannot install the logger: {e}"))?;
     log::set_max_level(level);

@@ -225,3 +225,75 @@ fn sighup_reloads_key_and_level_and_keeps_connections() {
         &after[before..]
     );
 }
+
+#[test]
+fn events_allow_refuses_other_networks() {
+    let server = Server::start("events_allow = 10.0.0.0/8, fd00::/8");
+    let mut a = server.ws();
+    a.subscribe("r", "u");
+    let body = repo_update("r", "x").to_string();
+    let r = post_event(server.addr, &body, Some(&format!("Token {}", event_token())));
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (403, "events are not accepted from this address\n")
+    );
+    let allowed = Server::start("events_allow = 127.0.0.0/8");
+    let mut b = allowed.ws();
+    b.subscribe("r", "u");
+    allowed.post(&repo_update("r", "allowed"));
+    assert_eq!(b.recv().unwrap()["content"]["commit_id"], "allowed");
+    // The refused event delivered nothing: the next thing `a` sees is its sync answer.
+    a.sync();
+}
+
+#[test]
+fn key_from_a_file_is_read_at_start_and_on_reload() {
+    let dir = TempDir::new();
+    let key_file = dir.path().join("jwt.key");
+    std::fs::write(&key_file, "file-key-1\n").unwrap();
+    let conf = config_text(&format!("jwt_private_key_file = {}", key_file.display()));
+    std::fs::write(dir.path().join("seafile.conf"), conf).unwrap();
+    let server = Server::start_in(dir, &["-l", "-"], &[]);
+    let token = |key: &[u8]| sign_with(jsonwebtoken::Algorithm::HS256, &json!({"exp": unix_now() + 60}), key);
+    let body = repo_update("r", "x").to_string();
+    assert_eq!(
+        post_event(server.addr, &body, Some(&format!("Token {}", token(b"file-key-1")))).status,
+        200
+    );
+    assert_eq!(
+        post_event(server.addr, &body, Some(&format!("Token {}", token(KEY.as_bytes())))).status,
+        400
+    );
+    std::fs::write(&key_file, "file-key-2").unwrap();
+    server.signal(libc::SIGHUP);
+    assert!(server.logs.wait_for("configuration reloaded", DEADLINE).is_some());
+    assert_eq!(
+        post_event(server.addr, &body, Some(&format!("Token {}", token(b"file-key-2")))).status,
+        200
+    );
+}
+
+#[test]
+fn journald_gets_syslog_priorities_and_refused_upgrades_are_visible_at_info() {
+    let dir = TempDir::new();
+    std::fs::write(
+        dir.path().join("seafile.conf"),
+        config_text("").replace("log_level = debug", "log_level = info"),
+    )
+    .unwrap();
+    let server = Server::start_in(dir, &["-l", "-"], &[("JOURNAL_STREAM", "8:1234")]);
+    assert!(server.logs.wait_for("<6>[", DEADLINE).is_some());
+    let r = request(
+        server.addr,
+        b"GET /notification HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 400);
+    let line = server
+        .logs
+        .wait_for("refused websocket upgrade", DEADLINE)
+        .expect("logged at info");
+    assert!(
+        line.starts_with("<6>[") && line.contains("Upgrade and Connection headers"),
+        "{line}"
+    );
+}
