@@ -9,8 +9,8 @@
 //! cargo bench --bench load -- --scenario a --url ws://127.0.0.1:8083 --pid 1234 --key SECRET
 //! ```
 //!
-//! Without `--url` the program runs `cargo build --release --bin notification-server`
-//! (or uses `--server-bin PATH`), and for every scenario starts a fresh server with a
+//! Without `--url` the program runs the server binary that `cargo bench` built beside it
+//! in the bench profile, optimised like release (or `--server-bin PATH`), and for every scenario starts a fresh server with a
 //! temporary config dir (port 0, the port is parsed from the `listening on ADDR` log
 //! line on stderr), and kills it afterwards.  With `--url` it targets a running server:
 //! `--key` (the `jwt_private_key`) is then required, and `--pid` is needed for the
@@ -607,40 +607,6 @@ fn parse_listening(line: &str) -> Option<SocketAddr> {
     Some(addr)
 }
 
-/// Builds the server in release mode and returns the executable's path.
-fn build_server() -> Result<PathBuf, String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest_dir = env!("CARGO_MANIFEST_DIR");
-    eprintln!("[load] cargo build --release --bin notification-server");
-    let out = Command::new(cargo)
-        .current_dir(manifest_dir)
-        .args(["build", "--release", "--bin", "notification-server"])
-        .arg("--message-format=json-render-diagnostics")
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("running cargo: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("cargo build failed: {}", out.status));
-    }
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        if v["reason"] == "compiler-artifact"
-            && v["target"]["name"] == "notification-server"
-            && let Some(exe) = v["executable"].as_str()
-        {
-            return Ok(PathBuf::from(exe));
-        }
-    }
-    let fallback = PathBuf::from(manifest_dir).join("target/release/notification-server");
-    if fallback.exists() {
-        Ok(fallback)
-    } else {
-        Err("built binary not found".into())
-    }
-}
-
 /// The server under test: either one we started or an external one.
 struct Target {
     addr: SocketAddr,
@@ -878,9 +844,9 @@ async fn wait_until(notify: &Notify, deadline: TInstant, cond: impl Fn() -> bool
 
 type Ws = WebSocketStream<TcpStream>;
 
-#[derive(Default, Debug)]
+/// What one client saw; returned by its task when the run stops.
+#[derive(Default)]
 struct ClientReport {
-    connected: bool,
     delivered: u64,
     duplicates: u64,
     misrouted: u64,
@@ -1034,7 +1000,6 @@ async fn client_task(i: usize, sh: Arc<Shared>, sem: Arc<Semaphore>, mut stop: w
     };
     let mut ws = match opened {
         Ok(ws) => {
-            st.rep.connected = true;
             sh.repo_connected[repo].fetch_add(1, Relaxed);
             sh.connected.fetch_add(1, Relaxed);
             Some(ws)
@@ -1638,13 +1603,9 @@ fn main() {
     let bin = match (&external, &o.server_bin) {
         (Some(_), _) => None,
         (None, Some(b)) => Some(b.clone()),
-        (None, None) => match build_server() {
-            Ok(b) => Some(b),
-            Err(e) => {
-                eprintln!("[load] {e}");
-                std::process::exit(2);
-            }
-        },
+        // Cargo builds the server binary for benches in the same (optimised) profile and
+        // says where it is: no second build.
+        (None, None) => Some(PathBuf::from(env!("CARGO_BIN_EXE_notification-server"))),
     };
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();

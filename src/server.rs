@@ -63,6 +63,9 @@ pub const MAX_HELD_EVENTS: usize = 10_000;
 /// if that is not enough, the whole cache.
 pub const MAX_CACHED_GROUPS: usize = 4096;
 
+/// How often the loop checks whether connections dropped enough to give memory back.
+const TRIM_EVERY_MS: Millis = 5_000;
+
 /// Readiness events taken per `poll` call.
 const EVENTS_PER_POLL: usize = 1024;
 
@@ -152,6 +155,9 @@ pub struct Server {
     next_watchdog: Millis,
     /// EMFILE/ENFILE was logged; it is logged again only after an accept succeeded.
     fd_exhaustion_logged: bool,
+    /// Most connections since the last memory trim, and when to look again.
+    peak_conns: usize,
+    next_trim: Millis,
     /// How often the sweep runs.
     tick: Millis,
     next_tick: Millis,
@@ -223,6 +229,8 @@ impl Server {
             notifier: Notifier::from_env(),
             next_watchdog: 0,
             fd_exhaustion_logged: false,
+            peak_conns: 0,
+            next_trim: 0,
             tick,
             next_tick: tick,
             stats: Stats::default(),
@@ -932,6 +940,7 @@ impl Server {
         let pong_timeout = ms(self.config.pong_timeout);
         let write_timeout = ms(self.config.write_timeout);
         let draining = self.drain_deadline.is_some();
+        let mut silent = Vec::new();
         let Server {
             conns,
             subs,
@@ -956,7 +965,9 @@ impl Server {
                         continue;
                     }
                     if now.saturating_sub(w.last_heard) >= pong_timeout {
-                        doomed.push((key, Reason::PongTimeout));
+                        // Judged after reading what the socket holds (below): a loop that
+                        // fell behind must not evict clients whose pongs wait unread.
+                        silent.push(key);
                         continue;
                     }
                     if w.unsent_since.is_some_and(|t| now.saturating_sub(t) >= write_timeout) {
@@ -982,6 +993,43 @@ impl Server {
                 Conn::Upgrading => {}
             }
         }
+        for key in silent {
+            self.read_ws(key, now, unix_now);
+            if let Some(Conn::Ws(w)) = self.conns.get(key)
+                && now.saturating_sub(w.last_heard) >= pong_timeout
+            {
+                self.doomed.push((key, Reason::PongTimeout));
+            }
+        }
+        self.trim_memory(now);
+    }
+
+    /// Gives memory back after a crowd left: the slab and index keep their capacity, and
+    /// the allocator keeps freed pages, so without this RSS stays at its peak forever.
+    fn trim_memory(&mut self, now: Millis) {
+        self.peak_conns = self.peak_conns.max(self.conns.len());
+        if now < self.next_trim {
+            return;
+        }
+        self.next_trim = now + TRIM_EVERY_MS;
+        if self.conns.len() * 2 > self.peak_conns || self.peak_conns < 64 {
+            return;
+        }
+        self.conns.shrink_to_fit();
+        self.subs.shrink();
+        self.dirty.shrink_to_fit();
+        self.doomed.shrink_to_fit();
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free memory to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        log::debug!(
+            "memory trimmed: {} connections, peak {}",
+            self.conns.len(),
+            self.peak_conns
+        );
+        self.peak_conns = self.conns.len();
     }
 
     fn flush_dirty(&mut self, now: Millis) {

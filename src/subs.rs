@@ -186,6 +186,16 @@ impl Subs {
             .is_some_and(|cs| cs.subs.iter().any(|s| s.repo == repo))
     }
 
+    /// Releases capacity left over from connections and libraries that are gone.
+    pub fn shrink(&mut self) {
+        while self.conns.last().is_some_and(|c| c.subs.is_empty()) {
+            self.conns.pop();
+        }
+        self.conns.shrink_to_fit();
+        self.ids.shrink_to_fit();
+        self.repos.shrink_to_fit();
+    }
+
     /// Libraries with at least one subscriber.
     pub fn repo_count(&self) -> usize {
         self.repos.len()
