@@ -48,6 +48,8 @@
 //! workers, default: number of CPUs); `--log-level L` (server, info);
 //! `--max-connections M` (server config, 30000); `--server-bin PATH`;
 //! `--url ws://HOST:PORT --pid PID --key KEY` (external server).
+//! `--post-url http://HOST:PORT` posts the events to another instance than the clients
+//! are connected to (a cluster sharing events through Redis): cross-instance delivery.
 //!
 //! # Output: one JSON object per scenario on stdout (progress goes to stderr)
 //!
@@ -155,6 +157,7 @@ struct Opts {
     max_connections: usize,
     server_bin: Option<PathBuf>,
     url: Option<String>,
+    post_url: Option<String>,
     pid: Option<u32>,
     key: Option<String>,
 }
@@ -183,6 +186,7 @@ fn parse_args() -> Result<Opts, String> {
         max_connections: 30000,
         server_bin: None,
         url: None,
+        post_url: None,
         pid: None,
         key: None,
     };
@@ -226,6 +230,7 @@ fn parse_args() -> Result<Opts, String> {
             "--max-connections" => o.max_connections = num(&flag, &value()?)?,
             "--server-bin" => o.server_bin = Some(PathBuf::from(value()?)),
             "--url" => o.url = Some(value()?),
+            "--post-url" => o.post_url = Some(value()?),
             "--pid" => o.pid = Some(num(&flag, &value()?)?),
             "--key" => o.key = Some(value()?),
             _ => return Err(format!("unknown argument {arg}")),
@@ -782,6 +787,9 @@ async fn exchange(stream: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> Resu
 /// State shared by the posters, the client tasks and the scenario driver.
 struct Shared {
     addr: SocketAddr,
+    /// Where events are posted: the same server, or another instance of a cluster
+    /// (`--post-url`), to measure cross-instance delivery through Redis.
+    post_addr: SocketAddr,
     url: String,
     key: String,
     clients: usize,
@@ -1155,7 +1163,7 @@ async fn post_parallel(
         .map(|_| {
             let (sh, token, next) = (sh.clone(), token.clone(), next.clone());
             tokio::spawn(async move {
-                let mut http = Http::new(sh.addr);
+                let mut http = Http::new(sh.post_addr);
                 let mut ps = PostStats::default();
                 let mut body = String::with_capacity(256);
                 loop {
@@ -1189,7 +1197,7 @@ async fn post_parallel(
 /// Posts events one at a time, each only after all its subscribers received the
 /// previous one.  Stops at the first event that does not complete in time.
 async fn post_sequential(sh: &Shared, token: &str, deadline: Duration) -> PostStats {
-    let mut http = Http::new(sh.addr);
+    let mut http = Http::new(sh.post_addr);
     let mut ps = PostStats::default();
     let mut body = String::with_capacity(256);
     for k in 0..sh.events {
@@ -1220,8 +1228,13 @@ async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Target) -> (Fi
     let deadline = o.deadline;
     let tag = format!("{:08x}-{:04x}", std::process::id(), idx);
     let n_ev = plan.events;
+    let post_addr = match &o.post_url {
+        Some(u) => parse_ws_url(u).unwrap_or(target.addr),
+        None => target.addr,
+    };
     let sh = Arc::new(Shared {
         addr: target.addr,
+        post_addr,
         url: format!("ws://{}/", target.addr),
         key: target.key.clone(),
         clients: plan.clients,
