@@ -605,6 +605,12 @@ impl<S: Stream> WsConn<S> {
                 return Sent::Evict(Reason::SlowConsumerBytes);
             }
             Err(tungstenite::Error::Io(e)) => return Sent::Evict(io_reason(&e)),
+            // The peer's Close or FIN was read earlier in this turn: ordinary churn.
+            Err(
+                tungstenite::Error::AlreadyClosed
+                | tungstenite::Error::ConnectionClosed
+                | tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SendAfterClosing),
+            ) => return Sent::Evict(Reason::PeerClosed),
             Err(e) => return Sent::Evict(Reason::Protocol(format!("{e}"))),
         }
         self.mark_dirty()
@@ -620,6 +626,11 @@ impl<S: Stream> WsConn<S> {
             }
             Err(tungstenite::Error::WriteBufferFull(_)) => Sent::Evict(Reason::SlowConsumerBytes),
             Err(tungstenite::Error::Io(e)) => Sent::Evict(io_reason(&e)),
+            Err(
+                tungstenite::Error::AlreadyClosed
+                | tungstenite::Error::ConnectionClosed
+                | tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SendAfterClosing),
+            ) => Sent::Evict(Reason::PeerClosed),
             Err(e) => Sent::Evict(Reason::Protocol(format!("{e}"))),
         }
     }

@@ -155,6 +155,8 @@ pub struct Server {
     next_watchdog: Millis,
     /// EMFILE/ENFILE was logged; it is logged again only after an accept succeeded.
     fd_exhaustion_logged: bool,
+    /// When the sweep last ran, to notice a loop that stalled.
+    last_sweep: Millis,
     /// Most connections since the last memory trim, and when to look again.
     peak_conns: usize,
     next_trim: Millis,
@@ -229,6 +231,7 @@ impl Server {
             notifier: Notifier::from_env(),
             next_watchdog: 0,
             fd_exhaustion_logged: false,
+            last_sweep: 0,
             peak_conns: 0,
             next_trim: 0,
             tick,
@@ -929,6 +932,20 @@ impl Server {
 
     /// The periodic check of every connection's timers.
     fn sweep(&mut self, now: Millis, unix_now: i64) {
+        // A loop that did not turn (stopped, starved, swapped out) sent no pings either, so
+        // its clients' silence says nothing: give every websocket a fresh keep-alive window.
+        let stalled_for = now.saturating_sub(self.last_sweep);
+        self.last_sweep = now;
+        if stalled_for > ms(self.config.ping_interval) + 1_000 {
+            log::warn!("event loop stalled for {stalled_for} ms; keep-alive deadlines restarted");
+            let fresh = now.saturating_sub(ms(self.config.ping_interval));
+            for (_, conn) in self.conns.iter_mut() {
+                if let Conn::Ws(w) = conn {
+                    w.last_heard = w.last_heard.max(fresh);
+                    w.next_ping = now;
+                }
+            }
+        }
         if !self.pending_groups.is_empty() {
             self.expire_lookups(now);
         }
@@ -1083,7 +1100,9 @@ impl Server {
 
     /// The only place connections end: unsubscribe, deregister, free the slot, one log line.
     fn teardown(&mut self) {
-        while let Some((key, reason)) = self.doomed.pop() {
+        // In order: when a connection was doomed twice in a turn (its peer closed, then an
+        // event found it closed), the first reason is the true one.
+        for (key, reason) in std::mem::take(&mut self.doomed) {
             let Some(conn) = self.conns.try_remove(key) else {
                 continue;
             };

@@ -82,3 +82,19 @@ fn a_stalled_loop_does_not_evict_clients_that_kept_talking() {
     }
     assert!(!server.logs.contains("pong timeout"), "{:#?}", server.logs.all());
 }
+
+#[test]
+fn a_stalled_loop_does_not_evict_clients_that_only_answer_pings() {
+    let server = Server::start("ping_interval = 0.2\npong_timeout = 1");
+    let mut a = server.ws();
+    a.subscribe("r", "u");
+    // The client only answers pings; while the server is stopped it has nothing to say.
+    server.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1800));
+    server.signal(libc::SIGCONT);
+    assert!(server.logs.wait_for("event loop stalled", DEADLINE).is_some());
+    a.idle(Duration::from_millis(600));
+    server.post(&repo_update("r", "after-stall"));
+    assert_eq!(a.recv().expect("not evicted")["content"]["commit_id"], "after-stall");
+    assert!(!server.logs.contains("pong timeout"), "{:#?}", server.logs.all());
+}
