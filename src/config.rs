@@ -482,6 +482,13 @@ impl Config {
 /// seaf-server reads the same file with GLib's key-file parser, which does neither, and the
 /// key must be byte-identical on both sides.
 fn parse_section(name: &str, text: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    Ok(ini_section(name, text, SECTION)?.unwrap_or_default())
+}
+
+/// The entries of `[section]` in INI `text`, if it exists. Quotes and backslashes are
+/// kept and `#` / `;` inside a value are part of it, as GLib's key-file parser (which
+/// seaf-server uses on the same files) reads them. Shared by seafile.conf and ccnet.conf.
+pub fn ini_section(name: &str, text: &str, section: &str) -> Result<Option<Vec<(String, String)>>, ConfigError> {
     let options = ini::ParseOption {
         enabled_quote: false,
         enabled_escape: false,
@@ -489,15 +496,12 @@ fn parse_section(name: &str, text: &str) -> Result<Vec<(String, String)>, Config
     };
     let ini =
         ini::Ini::load_from_str_opt(text, options).map_err(|e| ConfigError(format!("{name}: cannot parse: {e}")))?;
-    Ok(ini
-        .section(Some(SECTION))
-        .map(|props| {
-            props
-                .iter()
-                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                .collect()
-        })
-        .unwrap_or_default())
+    Ok(ini.section(Some(section)).map(|props| {
+        props
+            .iter()
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect()
+    }))
 }
 
 fn lookup<'a>(entries: &'a [(String, String)], key: &str) -> Option<&'a str> {

@@ -110,7 +110,7 @@ pub fn choose_backend(
         })));
     }
     if let Some((name, text)) = ccnet_conf
-        && let Some(section) = database_section(name, text)?
+        && let Some(section) = crate::config::ini_section(name, text, "Database")?
     {
         let get = |k: &str| {
             section
@@ -168,22 +168,6 @@ pub fn choose_backend(
         return Ok(Some(Backend::Sqlite(default_sqlite.to_path_buf())));
     }
     Ok(None)
-}
-
-/// The `[Database]` entries of ccnet.conf, if the section exists.
-fn database_section(name: &str, text: &str) -> Result<Option<Vec<(String, String)>>, ConfigError> {
-    let options = ini::ParseOption {
-        enabled_quote: false,
-        enabled_escape: false,
-        ..Default::default()
-    };
-    let ini =
-        ini::Ini::load_from_str_opt(text, options).map_err(|e| ConfigError(format!("{name}: cannot parse: {e}")))?;
-    Ok(ini.section(Some("Database")).map(|s| {
-        s.iter()
-            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-            .collect()
-    }))
 }
 
 /// The default SQLite location for binary installs: the `ccnet` directory beside the
