@@ -113,6 +113,8 @@ pub struct Gauges {
     pub repos: u64,
     pub held_events: u64,
     pub pending_group_lookups: u64,
+    /// Websockets with output waiting for their turn in the time-sliced flush.
+    pub flush_queue: u64,
     pub accept_paused: bool,
     pub draining: bool,
     pub group_database: bool,
@@ -263,6 +265,12 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
         "gauge",
         "Group lookups in flight.",
         &one(g.pending_group_lookups),
+    );
+    metric(
+        "notification_flush_queue",
+        "gauge",
+        "Websockets with output waiting for their turn to be flushed (above 0 only while fan-out outruns the sockets).",
+        &one(g.flush_queue),
     );
     metric(
         "notification_group_database_configured",

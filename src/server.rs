@@ -10,9 +10,19 @@
 //!    into each subscriber and puts the subscriber on the dirty list;
 //! 3. on a timer tick, sweep every connection: HTTP deadlines, pong timeouts, slow
 //!    consumers, expired tokens, keep-alive pings;
-//! 4. flush every dirty connection once;
+//! 4. flush dirty connections, oldest first, for at most `FLUSH_SLICE` (see below);
 //! 5. tear down the connections doomed during the turn. Closing only here means a slab
 //!    key is never reused while something later in the same turn still refers to it.
+//!
+//! Output is time-sliced. A fan-out to thousands of subscribers costs one `write()` each,
+//! and on loopback or a slow CPU that is 10-20 µs apiece: flushing all of them before
+//! looking at input again would make every `/events` sender, pong and subscribe wait for
+//! the whole fan-out. So a turn flushes for at most `FLUSH_SLICE`, and the rest of the
+//! dirty queue waits, in order, for the next turn, which polls with a zero timeout.
+//! A connection still waiting in the queue when more frames arrive for it keeps its place
+//! and sends them all in one `write()`: under light load every flush carries one frame
+//! and goes out in the same turn; under overload frames batch up by themselves, and the
+//! cost per delivery falls instead of the backlog growing.
 //!
 //! Readiness registration: every connection is registered READABLE only, and WRITABLE is
 //! added just while its output is stuck (flush returned `WouldBlock`) and removed once it
@@ -63,11 +73,20 @@ pub const MAX_HELD_EVENTS: usize = 10_000;
 /// if that is not enough, the whole cache.
 pub const MAX_CACHED_GROUPS: usize = 4096;
 
-/// How often the loop checks whether connections dropped enough to give memory back.
-const TRIM_EVERY_MS: Millis = 5_000;
+/// How often the loop checks whether connections dropped enough to give memory back. A
+/// trim happens only after the count halved since the last one, so checking often costs
+/// nothing and a crowd's memory is back within about a second of it leaving.
+const TRIM_EVERY_MS: Millis = 1_000;
 
 /// Readiness events taken per `poll` call.
 const EVENTS_PER_POLL: usize = 1024;
+
+/// How long one turn may spend flushing websockets before it polls for input again: the
+/// bound on how long an `/events` request, a pong or a subscribe can wait behind fan-out.
+const FLUSH_SLICE: Duration = Duration::from_micros(500);
+
+/// Flushes between two looks at the clock inside a slice.
+const FLUSHES_PER_CLOCK_READ: usize = 8;
 
 /// A connection in the slab.
 pub enum Conn {
@@ -119,7 +138,7 @@ pub struct Server {
     verifier: Verifier,
     start: Instant,
     /// Connections with queued output, flushed once at the end of the turn.
-    dirty: Vec<usize>,
+    dirty: VecDeque<usize>,
     /// Connections to tear down at the end of the turn.
     doomed: Vec<(usize, Reason)>,
     /// Websockets that stopped reading at `max_messages_per_wakeup` and still have input.
@@ -210,7 +229,7 @@ impl Server {
             verifier: Verifier::new(&config.jwt_private_key),
             config,
             start: Instant::now(),
-            dirty: Vec::new(),
+            dirty: VecDeque::new(),
             doomed: Vec::new(),
             unread: Vec::new(),
             events: Vec::new(),
@@ -280,7 +299,7 @@ impl Server {
         self.notifier.ready();
         loop {
             let now = self.now();
-            let timeout = if self.unread.is_empty() {
+            let timeout = if self.unread.is_empty() && self.dirty.is_empty() {
                 Duration::from_millis(self.next_tick.saturating_sub(now).max(1))
             } else {
                 Duration::ZERO
@@ -306,13 +325,17 @@ impl Server {
                             return Ok(());
                         }
                     }
-                    Token(key) => self.on_ready(
-                        key,
-                        ev.is_readable() || ev.is_read_closed() || ev.is_error(),
-                        ev.is_writable(),
-                        now,
-                        unix_now,
-                    ),
+                    Token(key) => {
+                        let hung_up = ev.is_read_closed() || ev.is_error();
+                        self.on_ready(
+                            key,
+                            ev.is_readable() || hung_up,
+                            hung_up,
+                            ev.is_writable(),
+                            now,
+                            unix_now,
+                        )
+                    }
                 }
             }
             for key in std::mem::take(&mut self.unread) {
@@ -380,8 +403,9 @@ impl Server {
                 return;
             }
             match listener.accept() {
-                Ok((mut stream, peer)) => {
+                Ok((stream, peer)) => {
                     self.fd_exhaustion_logged = false;
+                    let mut stream = crate::socket::Socket::new(stream);
                     let _ = stream.set_nodelay(true);
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
@@ -519,7 +543,7 @@ impl Server {
                     w.start_close(CloseCode::Away, "server shutting down", close_by);
                     if !w.dirty {
                         w.dirty = true;
-                        self.dirty.push(key);
+                        self.dirty.push_back(key);
                     }
                 }
                 Conn::Http(h) if h.is_idle() => self.doomed.push((key, Reason::Shutdown)),
@@ -528,10 +552,18 @@ impl Server {
         }
     }
 
-    fn on_ready(&mut self, key: usize, readable: bool, writable: bool, now: Millis, unix_now: i64) {
+    fn on_ready(&mut self, key: usize, readable: bool, hung_up: bool, writable: bool, now: Millis, unix_now: i64) {
         match self.conns.get_mut(key) {
-            Some(Conn::Http(_)) => self.serve_http(key, now, unix_now),
+            Some(Conn::Http(h)) => {
+                if readable {
+                    h.stream.on_readable(hung_up);
+                }
+                self.serve_http(key, now, unix_now)
+            }
             Some(Conn::Ws(w)) => {
+                if readable {
+                    w.ws.get_mut().on_readable(hung_up);
+                }
                 if writable && w.wants_write {
                     self.flush_one(key, now);
                 }
@@ -587,6 +619,7 @@ impl Server {
             repos: self.subs.repo_count() as u64,
             held_events: self.held_count as u64,
             pending_group_lookups: self.pending_groups.len() as u64,
+            flush_queue: self.dirty.len() as u64,
             accept_paused: self.accept_pause.is_some(),
             draining: self.drain_deadline.is_some(),
             group_database: self.lookups.is_some(),
@@ -661,7 +694,7 @@ impl Server {
             && !w.dirty
         {
             w.dirty = true;
-            self.dirty.push(key);
+            self.dirty.push_back(key);
         }
     }
 
@@ -712,7 +745,7 @@ impl Server {
             return;
         };
         match w.send(msg, now) {
-            Sent::Queued { newly_dirty: true } => self.dirty.push(key),
+            Sent::Queued { newly_dirty: true } => self.dirty.push_back(key),
             Sent::Queued { newly_dirty: false } => {}
             Sent::Evict(reason) => self.doomed.push((key, reason)),
         }
@@ -1011,6 +1044,9 @@ impl Server {
             }
         }
         for key in silent {
+            if let Some(Conn::Ws(w)) = self.conns.get_mut(key) {
+                w.ws.get_mut().rearm();
+            }
             self.read_ws(key, now, unix_now);
             if let Some(Conn::Ws(w)) = self.conns.get(key)
                 && now.saturating_sub(w.last_heard) >= pong_timeout
@@ -1049,15 +1085,24 @@ impl Server {
         self.peak_conns = self.conns.len();
     }
 
+    /// Flushes queued connections, oldest first, until the queue is empty or the turn has
+    /// spent `FLUSH_SLICE` on it (see the module doc).
     fn flush_dirty(&mut self, now: Millis) {
-        let dirty = std::mem::take(&mut self.dirty);
-        for &key in &dirty {
-            self.flush_one(key, now);
-        }
-        let mut dirty = dirty;
-        dirty.clear();
-        if self.dirty.is_empty() {
-            self.dirty = dirty;
+        let started = Instant::now();
+        let mut flushed = 0usize;
+        while let Some(key) = self.dirty.pop_front() {
+            // A connection torn down while queued leaves its key behind; `dirty` tells a
+            // live entry (or a new connection that reused the key and queued itself) from
+            // a stale one.
+            if let Some(Conn::Ws(w)) = self.conns.get(key)
+                && w.dirty
+            {
+                self.flush_one(key, now);
+                flushed += 1;
+                if flushed.is_multiple_of(FLUSHES_PER_CLOCK_READ) && started.elapsed() >= FLUSH_SLICE {
+                    break;
+                }
+            }
         }
     }
 
@@ -1130,11 +1175,11 @@ impl Server {
 
 /// Records what a queued message means for the dirty and doomed lists; false if the
 /// connection is doomed.
-fn note_sent(sent: Sent, key: usize, dirty: &mut Vec<usize>, doomed: &mut Vec<(usize, Reason)>) -> bool {
+fn note_sent(sent: Sent, key: usize, dirty: &mut VecDeque<usize>, doomed: &mut Vec<(usize, Reason)>) -> bool {
     match sent {
         Sent::Queued { newly_dirty } => {
             if newly_dirty {
-                dirty.push(key);
+                dirty.push_back(key);
             }
             true
         }
@@ -1156,7 +1201,7 @@ fn queue_key(queue: &VecDeque<Event>) -> Box<str> {
 fn fan_out(
     subs: &Subs,
     conns: &mut Slab<Conn>,
-    dirty: &mut Vec<usize>,
+    dirty: &mut VecDeque<usize>,
     doomed: &mut Vec<(usize, Reason)>,
     stats: &mut Stats,
     ev: &Event,
@@ -1179,7 +1224,7 @@ fn fan_out(
             Sent::Queued { newly_dirty } => {
                 stats.deliveries += 1;
                 if newly_dirty {
-                    dirty.push(m.conn);
+                    dirty.push_back(m.conn);
                 }
             }
             Sent::Evict(reason) => doomed.push((m.conn, reason)),
