@@ -17,7 +17,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocket};
 use tungstenite::{Message, Utf8Bytes};
 
-/// A connection's byte stream: a mio `TcpStream` in the server, scripted bytes in tests
+/// A connection's byte stream: a [`crate::socket::Socket`] in the server, scripted bytes in tests
 /// and fuzzing.
 pub trait Stream: Read + Write {
     /// Half-closes the sending side once the last answer is written.
@@ -151,7 +151,7 @@ pub struct Ctx<'a> {
 }
 
 /// A connection speaking HTTP/1.1.
-pub struct HttpConn<S = mio::net::TcpStream> {
+pub struct HttpConn<S = crate::socket::Socket> {
     pub stream: S,
     pub peer: SocketAddr,
     /// Received bytes not yet consumed; at most `max_head_bytes + max_body_bytes`.
@@ -481,7 +481,7 @@ pub enum Sent {
 }
 
 /// A websocket connection.
-pub struct WsConn<S = mio::net::TcpStream> {
+pub struct WsConn<S = crate::socket::Socket> {
     pub ws: WebSocket<S>,
     pub peer: SocketAddr,
     pub forwarded_for: Option<Box<str>>,

@@ -11,6 +11,7 @@
 //! - [`sdnotify`]: systemd readiness, stopping, reloading and watchdog messages;
 //! - [`server`]: the reactor: accept, dispatch, fan-out, timers, flush, teardown;
 //! - [`conn`]: one connection's state machine (HTTP, then maybe websocket) and its I/O;
+//! - [`socket`]: the TCP stream that skips the `EAGAIN` read after a short read;
 //! - [`http`]: pure HTTP/1.1 heads, routes and responses;
 //! - [`ws`]: upgrade checks, tungstenite settings, client messages;
 //! - [`event`]: `/events` bodies, audiences and the shared outbound frame;
@@ -39,5 +40,6 @@ pub mod logging;
 pub mod metrics;
 pub mod sdnotify;
 pub mod server;
+pub mod socket;
 pub mod subs;
 pub mod ws;
