@@ -57,7 +57,7 @@
 //!   send their subscription; clients per second over that time.
 //! - `server_rss_idle_kb` (before clients connect), `server_rss_connected_kb` (all
 //!   subscriptions confirmed), `rss_per_conn_bytes` = (connected - idle) / clients,
-//!   `server_rss_after_close_kb` (clients gone, RSS stable for 1 s or 3 s passed);
+//!   `server_rss_after_close_kb` (clients gone, RSS unchanged for 2 s or 5 s passed);
 //!   VmRSS from /proc/PID/status.
 //! - `latency_us` {p50,p99,max}: per delivery, from just before the POST was written to
 //!   the moment the client task read the frame (same monotonic clock).  Includes the
@@ -1568,10 +1568,10 @@ impl std::fmt::Display for Fields {
 
 /// RSS after the clients left: polls until unchanged for 1 s, at most 3 s.
 async fn settle_rss(pid: u32) -> Option<u64> {
-    let until = TInstant::now() + Duration::from_secs(3);
+    let until = TInstant::now() + Duration::from_secs(5);
     let mut last = rss_kb(pid)?;
     let mut same = 0;
-    while TInstant::now() < until && same < 4 {
+    while TInstant::now() < until && same < 8 {
         sleep(Duration::from_millis(250)).await;
         let v = rss_kb(pid)?;
         same = if v == last { same + 1 } else { 0 };

@@ -22,6 +22,20 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// Raises this process's open-file limit to its hard limit, for tests with crowds.
+pub fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
 /// A fresh empty temporary directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 
