@@ -392,13 +392,7 @@ impl Config {
             Kind::Level => self.log_level = parse_level(value)?,
             Kind::Key => self.jwt_private_key = value.as_bytes().to_vec(),
             Kind::Path => self.groupmgr_db = Some(value.into()),
-            Kind::Addr => {
-                use std::net::ToSocketAddrs;
-                if value.to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
-                    return Err(format!("{value:?} is not an address such as 127.0.0.1:9383"));
-                }
-                self.metrics_listen = Some(value.to_string());
-            }
+            Kind::Addr => self.metrics_listen = Some(parse_listen_addr(value)?.to_string()),
             Kind::Seconds => {
                 let d = parse_seconds(value)?;
                 match key {
@@ -524,6 +518,22 @@ pub fn parse_level(value: &str) -> Result<log::LevelFilter, String> {
             ));
         }
     })
+}
+
+/// A listen address: an IP literal and port, or `localhost:PORT`. Names are not resolved:
+/// validation also runs on SIGHUP, inside the event loop, where a DNS lookup could block.
+fn parse_listen_addr(value: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    if let Some(port) = value.strip_prefix("localhost:")
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    Err(format!(
+        "{value:?} is not an IP address and port such as 127.0.0.1:9383 (host names are not resolved)"
+    ))
 }
 
 /// Parses a positive number of seconds, fractions allowed (`0.5`), at most one day.
@@ -698,5 +708,28 @@ mod tests {
         assert_eq!(c.listen_address(), "[::1]:8083");
         c.host = "127.0.0.1".into();
         assert_eq!(c.listen_address(), "127.0.0.1:8083");
+    }
+
+    #[test]
+    fn metrics_listen_takes_ip_literals_and_localhost_but_resolves_no_names() {
+        let ok = |v: &str| {
+            load(&format!("[notification]\njwt_private_key = k\nmetrics_listen = {v}\n")).map(|c| c.metrics_listen)
+        };
+        assert_eq!(ok("127.0.0.1:9383").unwrap().as_deref(), Some("127.0.0.1:9383"));
+        assert_eq!(ok("[::1]:9383").unwrap().as_deref(), Some("[::1]:9383"));
+        assert_eq!(ok("localhost:9383").unwrap().as_deref(), Some("127.0.0.1:9383"));
+        for bad in [
+            "metrics.example.com:9383",
+            "127.0.0.1",
+            "127.0.0.1:99999",
+            "localhost:x",
+            ":9383",
+        ] {
+            let e = ok(bad).unwrap_err();
+            assert!(
+                e.0.contains("metrics_listen") && e.0.contains("not resolved"),
+                "{bad}: {e}"
+            );
+        }
     }
 }
