@@ -46,7 +46,8 @@
 //! `--connect-concurrency C` (handshakes in flight, 128); `--source-ips K` (20);
 //! `--deadline-s S` (every wait gives up after this, 60); `--threads T` (tokio
 //! workers, default: number of CPUs); `--log-level L` (server, info);
-//! `--max-connections M` (server config, 30000); `--server-bin PATH`;
+//! `--max-connections M` (server config, 30000); `--ping-interval S` (server config,
+//! default 1, the official cadence; must stay below `pong_timeout`, 5); `--server-bin PATH`;
 //! `--url ws://HOST:PORT --pid PID --key KEY` (external server).
 //! `--post-url http://HOST:PORT` posts the events to another instance than the clients
 //! are connected to (a cluster sharing events through Redis): cross-instance delivery.
@@ -155,6 +156,7 @@ struct Opts {
     threads: Option<usize>,
     log_level: String,
     max_connections: usize,
+    ping_interval: Option<f64>,
     server_bin: Option<PathBuf>,
     url: Option<String>,
     post_url: Option<String>,
@@ -165,7 +167,7 @@ struct Opts {
 const USAGE: &str = "usage: cargo bench --bench load -- [--scenario a|b|c|d|quick|all] \
 [--clients N] [--repos R] [--events E] [--rate EV_PER_S] [--duration-s S] [--idle-s S] \
 [--http-conns H] [--connect-concurrency C] [--source-ips K] [--deadline-s S] [--threads T] \
-[--log-level L] [--max-connections M] [--server-bin PATH] \
+[--log-level L] [--max-connections M] [--ping-interval S] [--server-bin PATH] \
 [--url ws://HOST:PORT --key KEY [--pid PID]]  (see the doc comment of bench/load.rs)";
 
 fn parse_args() -> Result<Opts, String> {
@@ -184,6 +186,7 @@ fn parse_args() -> Result<Opts, String> {
         threads: None,
         log_level: "info".into(),
         max_connections: 30000,
+        ping_interval: None,
         server_bin: None,
         url: None,
         post_url: None,
@@ -228,6 +231,7 @@ fn parse_args() -> Result<Opts, String> {
             "--threads" => o.threads = Some(num(&flag, &value()?)?),
             "--log-level" => o.log_level = value()?,
             "--max-connections" => o.max_connections = num(&flag, &value()?)?,
+            "--ping-interval" => o.ping_interval = Some(num(&flag, &value()?)?),
             "--server-bin" => o.server_bin = Some(PathBuf::from(value()?)),
             "--url" => o.url = Some(value()?),
             "--post-url" => o.post_url = Some(value()?),
@@ -507,10 +511,13 @@ impl ServerProcess {
     fn start(bin: &PathBuf, o: &Opts, key: &str, n: usize) -> Result<(ServerProcess, SocketAddr), String> {
         let dir = std::env::temp_dir().join(format!("nsbench-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        let conf = format!(
+        let mut conf = format!(
             "[notification]\nhost = 127.0.0.1\nport = 0\nlog_level = {}\njwt_private_key = {key}\nmax_connections = {}\n",
             o.log_level, o.max_connections
         );
+        if let Some(every) = o.ping_interval {
+            conf.push_str(&format!("ping_interval = {every}\n"));
+        }
         std::fs::write(dir.join("seafile.conf"), conf).map_err(|e| format!("write config: {e}"))?;
         let mut child = Command::new(bin)
             .arg("-c")

@@ -1035,8 +1035,14 @@ impl Server {
                         }
                     }
                     if now >= w.next_ping {
-                        // A peer heard from within the interval is alive: skip the ping.
-                        if now.saturating_sub(w.last_heard) >= ping_interval {
+                        // A peer heard from within the interval is alive, so the ping may
+                        // be skipped, but only if the next one, an interval from now,
+                        // still leaves the peer an interval to answer before
+                        // `pong_timeout`. Without that condition a ping_interval above
+                        // half the pong_timeout closed quiet, healthy clients.
+                        let heard_recently = now.saturating_sub(w.last_heard) < ping_interval;
+                        let next_ping_in_time = w.last_heard + pong_timeout >= now + 2 * ping_interval;
+                        if !(heard_recently && next_ping_in_time) {
                             note_sent(w.ping(now), key, dirty, doomed);
                         }
                         w.next_ping = now + ping_interval;

@@ -257,6 +257,19 @@ fn client_pings_are_answered_and_server_pings_keep_coming() {
 }
 
 #[test]
+fn a_quiet_client_that_answers_pings_survives_a_ping_interval_above_half_the_pong_timeout() {
+    // With a skipped ping the next one came two intervals after the last pong (1.2 s),
+    // past the 1 s pong timeout, so such a client was closed while healthy.
+    let server = Server::start("ping_interval = 0.6\npong_timeout = 1");
+    let mut quiet = server.ws();
+    quiet.subscribe("r", "u");
+    quiet.idle(Duration::from_secs(4));
+    server.post(&repo_update("r", "kept"));
+    assert_eq!(quiet.recv().unwrap()["content"]["commit_id"], "kept");
+    assert!(!server.logs.contains("pong timeout"), "{:?}", server.logs.all());
+}
+
+#[test]
 fn silent_client_is_closed_after_pong_timeout_and_a_live_one_is_kept() {
     let server = Server::start("ping_interval = 0.2\npong_timeout = 1");
     let mut silent = RawWs::connect(&server);
