@@ -1040,7 +1040,12 @@ impl Server {
                         // still leaves the peer an interval to answer before
                         // `pong_timeout`. Without that condition a ping_interval above
                         // half the pong_timeout closed quiet, healthy clients.
-                        let heard_recently = now.saturating_sub(w.last_heard) < ping_interval;
+                        // "Within the interval" is judged against the previous check
+                        // (`next_ping` was set an interval after it), not against `now`:
+                        // a pong read in the same millisecond as its ping was sent is a
+                        // sign of life too, and a strict `now - last_heard < interval`
+                        // missed it on a fast network and pinged every interval.
+                        let heard_recently = w.last_heard >= w.next_ping.saturating_sub(ping_interval);
                         let next_ping_in_time = w.last_heard + pong_timeout >= now + 2 * ping_interval;
                         if !(heard_recently && next_ping_in_time) {
                             note_sent(w.ping(now), key, dirty, doomed);

@@ -257,6 +257,31 @@ fn client_pings_are_answered_and_server_pings_keep_coming() {
 }
 
 #[test]
+fn a_client_that_answers_promptly_is_pinged_every_other_interval() {
+    // Its pong to one ping is a sign of life within the next interval, so that ping is
+    // skipped, even when the pong came back within the millisecond (loopback).
+    let server = Server::start("ping_interval = 0.3\npong_timeout = 5");
+    let mut ws = server.ws();
+    ws.subscribe("r", "u");
+    ws.ws
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let started = Instant::now();
+    let mut pings = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        match ws.ws.read() {
+            Ok(Message::Ping(_)) => pings += 1,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => {}
+        }
+        let _ = ws.ws.flush();
+    }
+    // Every 0.6 s: 5 in 3 s (a ping every interval would be 10).
+    assert!((3..=6).contains(&pings), "{pings} pings in 3 s");
+}
+
+#[test]
 fn a_quiet_client_that_answers_pings_survives_a_ping_interval_above_half_the_pong_timeout() {
     // With a skipped ping the next one came two intervals after the last pong (1.2 s),
     // past the 1 s pong timeout, so such a client was closed while healthy.
