@@ -8,8 +8,9 @@
 //! 2. accept, read, answer HTTP, read websocket messages; an accepted `/events` body has
 //!    its 200 written *before* its fan-out, which only queues the event's one shared frame
 //!    into each subscriber and puts the subscriber on the dirty list;
-//! 3. on a timer tick, sweep every connection: HTTP deadlines, pong timeouts, slow
-//!    consumers, expired tokens, keep-alive pings;
+//! 3. advance the sweep, which visits every connection once a tick (250 ms at most),
+//!    spread over the tick: HTTP deadlines, pong timeouts, slow consumers, expired tokens,
+//!    keep-alive pings;
 //! 4. flush dirty connections, oldest first, for at most `FLUSH_SLICE` (100 µs, see below);
 //! 5. tear down the connections doomed during the turn. Closing only here means a slab
 //!    key is never reused while something later in the same turn still refers to it.
@@ -88,6 +89,12 @@ const EVENTS_PER_POLL: usize = 1024;
 /// delivery, 250 µs 3.8-4.1, 100 µs 3.2-3.8, 50 µs 2.7-3.4; below 100 µs the gain is
 /// within the noise while the cost of a poll per slice grows.
 const FLUSH_SLICE: Duration = Duration::from_micros(100);
+
+/// How often (ms) the loop wakes to advance the incremental sweep (see `sweep_step`)
+/// when it has more than `SPREAD_SWEEP_ABOVE` connections. With fewer, a tick's pings
+/// are no burst worth spreading, and an idle box sleeps a whole tick.
+const SWEEP_STEP_MS: Millis = 10;
+const SPREAD_SWEEP_ABOVE: usize = 256;
 
 /// A connection in the slab.
 pub enum Conn {
@@ -176,12 +183,15 @@ pub struct Server {
     next_watchdog: Millis,
     /// EMFILE/ENFILE was logged; it is logged again only after an accept succeeded.
     fd_exhaustion_logged: bool,
-    /// When the sweep last ran, to notice a loop that stalled.
+    /// When the sweep last advanced, to notice a loop that stalled.
     last_sweep: Millis,
+    /// The incremental sweep: the next slab key to visit, and when this round started.
+    sweep_cursor: usize,
+    sweep_round_start: Millis,
     /// Most connections since the last memory trim, and when to look again.
     peak_conns: usize,
     next_trim: Millis,
-    /// How often the sweep runs.
+    /// How often every connection is visited by the sweep, and housekeeping runs.
     tick: Millis,
     next_tick: Millis,
     pub stats: Stats,
@@ -253,6 +263,8 @@ impl Server {
             next_watchdog: 0,
             fd_exhaustion_logged: false,
             last_sweep: 0,
+            sweep_cursor: 0,
+            sweep_round_start: 0,
             peak_conns: 0,
             next_trim: 0,
             tick,
@@ -301,10 +313,13 @@ impl Server {
         self.notifier.ready();
         loop {
             let now = self.now();
-            let timeout = if self.unread.is_empty() && self.dirty.is_empty() {
+            let timeout = if !self.unread.is_empty() || !self.dirty.is_empty() {
+                Duration::ZERO
+            } else if self.conns.len() <= SPREAD_SWEEP_ABOVE {
                 Duration::from_millis(self.next_tick.saturating_sub(now).max(1))
             } else {
-                Duration::ZERO
+                // The sweep advances every few milliseconds (see `sweep_step`).
+                Duration::from_millis(self.next_tick.saturating_sub(now).clamp(1, SWEEP_STEP_MS))
             };
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
@@ -343,8 +358,9 @@ impl Server {
             for key in std::mem::take(&mut self.unread) {
                 self.read_ws(key, now, unix_now);
             }
+            self.sweep_step(now, unix_now);
             if now >= self.next_tick {
-                self.sweep(now, unix_now);
+                self.housekeeping(now);
                 self.next_tick = now + self.tick;
                 if let Some(every) = self.notifier.watchdog_every
                     && now >= self.next_watchdog
@@ -965,8 +981,12 @@ impl Server {
         fan_out(subs, conns, dirty, doomed, stats, ev, filter, now);
     }
 
-    /// The periodic check of every connection's timers.
-    fn sweep(&mut self, now: Millis, unix_now: i64) {
+    /// Advances the sweep that checks every connection's timers once per tick. It is
+    /// incremental: each turn visits the slice of slab keys that the time elapsed in the
+    /// round calls for, so every connection is still visited once a tick, but pings go
+    /// out, and pongs come back, spread over the tick instead of in one burst whose
+    /// writes and reads would hold `/events` requests and deliveries back.
+    fn sweep_step(&mut self, now: Millis, unix_now: i64) {
         // A loop that did not turn (stopped, starved, swapped out) sent no pings either, so
         // its clients' silence says nothing: give every websocket a fresh keep-alive window.
         let stalled_for = now.saturating_sub(self.last_sweep);
@@ -981,6 +1001,27 @@ impl Server {
                 }
             }
         }
+        let slots = self.conns.capacity();
+        let elapsed = now.saturating_sub(self.sweep_round_start);
+        let round_over = elapsed >= self.tick;
+        let reach = if round_over {
+            slots
+        } else {
+            // elapsed < tick, so this is below `slots`.
+            (slots as u128 * elapsed as u128 / self.tick.max(1) as u128) as usize
+        };
+        if reach > self.sweep_cursor {
+            self.sweep(self.sweep_cursor..reach, now, unix_now);
+            self.sweep_cursor = reach;
+        }
+        if round_over {
+            self.sweep_cursor = 0;
+            self.sweep_round_start = now;
+        }
+    }
+
+    /// What runs once a tick for the server as a whole.
+    fn housekeeping(&mut self, now: Millis) {
         if !self.pending_groups.is_empty() {
             self.expire_lookups(now);
         }
@@ -988,6 +1029,11 @@ impl Server {
             self.accept_pause = None;
             self.accept(now, false);
         }
+        self.trim_memory(now);
+    }
+
+    /// Checks the timers of the connections whose slab keys are in `keys`.
+    fn sweep(&mut self, keys: std::ops::Range<usize>, now: Millis, unix_now: i64) {
         let ping_interval = ms(self.config.ping_interval);
         let pong_timeout = ms(self.config.pong_timeout);
         let write_timeout = ms(self.config.write_timeout);
@@ -1000,7 +1046,10 @@ impl Server {
             doomed,
             ..
         } = self;
-        for (key, conn) in conns.iter_mut() {
+        for key in keys {
+            let Some(conn) = conns.get_mut(key) else {
+                continue;
+            };
             match conn {
                 Conn::Http(h) => {
                     if now >= h.deadline {
@@ -1067,7 +1116,6 @@ impl Server {
                 self.doomed.push((key, Reason::PongTimeout));
             }
         }
-        self.trim_memory(now);
     }
 
     /// Gives memory back after a crowd left: the slab and index keep their capacity, and
