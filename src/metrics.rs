@@ -35,8 +35,60 @@ const KINDS: [Kind; 4] = [
 /// Upper bounds (seconds) of the loop turn time histogram.
 const TURN_BUCKETS: [f64; 7] = [0.000_05, 0.000_2, 0.001, 0.005, 0.02, 0.1, 1.0];
 
+/// Upper bounds (seconds) of the flush queue wait histogram (measured in whole ms, so
+/// the first bucket holds everything flushed in the turn that queued it).
+const FLUSH_WAIT_BUCKETS: [f64; 7] = [0.001, 0.005, 0.02, 0.05, 0.1, 0.5, 1.0];
+
+/// A Prometheus histogram with fixed bucket bounds (cumulative counts).
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    bounds: [f64; 7],
+    buckets: [u64; 7],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    const fn new(bounds: [f64; 7]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: [0; 7],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
+    pub fn observe(&mut self, seconds: f64) {
+        self.count += 1;
+        self.sum += seconds;
+        for (bound, n) in self.bounds.iter().zip(self.buckets.iter_mut()) {
+            if seconds <= *bound {
+                *n += 1;
+            }
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The `_bucket`, `_sum` and `_count` samples.
+    fn samples(&self) -> Vec<(String, String)> {
+        let mut out: Vec<_> = self
+            .bounds
+            .iter()
+            .zip(self.buckets.iter())
+            .map(|(b, n)| (format!("_bucket{{le=\"{b}\"}}"), n.to_string()))
+            .collect();
+        out.push(("_bucket{le=\"+Inf\"}".into(), self.count.to_string()));
+        out.push(("_sum".into(), format!("{:.6}", self.sum)));
+        out.push(("_count".into(), self.count.to_string()));
+        out
+    }
+}
+
 /// Everything counted since start.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Stats {
     pub accepted: u64,
     pub http_requests: u64,
@@ -51,9 +103,31 @@ pub struct Stats {
     pub group_lookup_failures: u64,
     pub held_events_dropped: u64,
     closes: BTreeMap<&'static str, u64>,
-    turn_buckets: [u64; 7],
-    turn_count: u64,
-    turn_seconds: f64,
+    turns: Histogram,
+    /// How long websockets waited in the flush queue.
+    pub flush_wait: Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            accepted: 0,
+            http_requests: 0,
+            events: [0; 4],
+            events_ignored: 0,
+            events_invalid: 0,
+            deliveries: 0,
+            event_token_rejections: [0; 8],
+            client_token_rejections: [0; 8],
+            group_events_dropped: 0,
+            group_lookups: 0,
+            group_lookup_failures: 0,
+            held_events_dropped: 0,
+            closes: BTreeMap::new(),
+            turns: Histogram::new(TURN_BUCKETS),
+            flush_wait: Histogram::new(FLUSH_WAIT_BUCKETS),
+        }
+    }
 }
 
 impl Stats {
@@ -93,13 +167,7 @@ impl Stats {
 
     /// Records how long one loop turn took.
     pub fn turn(&mut self, seconds: f64) {
-        self.turn_count += 1;
-        self.turn_seconds += seconds;
-        for (bound, n) in TURN_BUCKETS.iter().zip(self.turn_buckets.iter_mut()) {
-            if seconds <= *bound {
-                *n += 1;
-            }
-        }
+        self.turns.observe(seconds);
     }
 }
 
@@ -290,19 +358,17 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
         "1 while shutting down.",
         &one(g.draining as u64),
     );
-    let mut turns: Vec<_> = TURN_BUCKETS
-        .iter()
-        .zip(s.turn_buckets.iter())
-        .map(|(b, n)| (format!("_bucket{{le=\"{b}\"}}"), n.to_string()))
-        .collect();
-    turns.push(("_bucket{le=\"+Inf\"}".into(), s.turn_count.to_string()));
-    turns.push(("_sum".into(), format!("{:.6}", s.turn_seconds)));
-    turns.push(("_count".into(), s.turn_count.to_string()));
     metric(
         "notification_loop_turn_seconds",
         "histogram",
         "Time the event loop spent per turn (between polls).",
-        &turns,
+        &s.turns.samples(),
+    );
+    metric(
+        "notification_flush_wait_seconds",
+        "histogram",
+        "Time a websocket waited in the flush queue for its write (ms resolution; fan-out under load shows here).",
+        &s.flush_wait.samples(),
     );
     metric(
         "process_resident_memory_bytes",

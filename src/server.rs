@@ -3,8 +3,8 @@
 //! and the only teardown. It is the one module that sees more than one connection.
 //!
 //! One loop turn:
-//! 1. `poll` for readiness (the timeout is the next timer tick, or zero when a connection
-//!    still has unread input from a capped turn);
+//! 1. `poll` for readiness (the timeout is zero while output is queued or a connection
+//!    still has unread input from a capped turn; else the next sweep step or tick);
 //! 2. accept, read, answer HTTP, read websocket messages; an accepted `/events` body has
 //!    its 200 written *before* its fan-out, which only queues the event's one shared frame
 //!    into each subscriber and puts the subscriber on the dirty list;
@@ -145,9 +145,9 @@ pub struct Server {
     config: Config,
     verifier: Verifier,
     start: Instant,
-    /// Websockets with queued output, oldest first; each turn flushes from the front for
-    /// at most `FLUSH_SLICE`.
-    dirty: VecDeque<usize>,
+    /// Websockets with queued output and when they were queued, oldest first; each turn
+    /// flushes from the front for at most `FLUSH_SLICE`.
+    dirty: VecDeque<(usize, Millis)>,
     /// Connections to tear down at the end of the turn.
     doomed: Vec<(usize, Reason)>,
     /// Websockets that stopped reading at `max_messages_per_wakeup` and still have input.
@@ -561,7 +561,7 @@ impl Server {
                     w.start_close(CloseCode::Away, "server shutting down", close_by);
                     if !w.dirty {
                         w.dirty = true;
-                        self.dirty.push_back(key);
+                        self.dirty.push_back((key, now));
                     }
                 }
                 Conn::Http(h) if h.is_idle() => self.doomed.push((key, Reason::Shutdown)),
@@ -693,7 +693,7 @@ impl Server {
             match w.read_one(now, close_by) {
                 WsRead::Msg(msg) => self.on_client_msg(key, msg, now, unix_now),
                 WsRead::Drained => {
-                    self.mark_dirty(key);
+                    self.mark_dirty(key, now);
                     return;
                 }
                 WsRead::Close(reason) => {
@@ -703,16 +703,16 @@ impl Server {
             }
         }
         // Budget spent with input possibly left: come back next turn without an edge.
-        self.mark_dirty(key);
+        self.mark_dirty(key, now);
         self.unread.push(key);
     }
 
-    fn mark_dirty(&mut self, key: usize) {
+    fn mark_dirty(&mut self, key: usize, now: Millis) {
         if let Some(Conn::Ws(w)) = self.conns.get_mut(key)
             && !w.dirty
         {
             w.dirty = true;
-            self.dirty.push_back(key);
+            self.dirty.push_back((key, now));
         }
     }
 
@@ -763,7 +763,7 @@ impl Server {
             return;
         };
         match w.send(msg, now) {
-            Sent::Queued { newly_dirty: true } => self.dirty.push_back(key),
+            Sent::Queued { newly_dirty: true } => self.dirty.push_back((key, now)),
             Sent::Queued { newly_dirty: false } => {}
             Sent::Evict(reason) => self.doomed.push((key, reason)),
         }
@@ -1078,7 +1078,7 @@ impl Server {
                     if subs.has_expired(key, unix_now) {
                         for repo_id in subs.expire(key, unix_now) {
                             log::debug!("connection {key}: token for {repo_id} expired");
-                            if !note_sent(w.send(event::jwt_expired(&repo_id), now), key, dirty, doomed) {
+                            if !note_sent(w.send(event::jwt_expired(&repo_id), now), key, now, dirty, doomed) {
                                 break;
                             }
                         }
@@ -1097,7 +1097,7 @@ impl Server {
                         let heard_recently = w.last_heard >= w.next_ping.saturating_sub(ping_interval);
                         let next_ping_in_time = w.last_heard + pong_timeout >= now + 2 * ping_interval;
                         if !(heard_recently && next_ping_in_time) {
-                            note_sent(w.ping(now), key, dirty, doomed);
+                            note_sent(w.ping(now), key, now, dirty, doomed);
                         }
                         w.next_ping = now + ping_interval;
                     }
@@ -1150,13 +1150,17 @@ impl Server {
     /// spent `FLUSH_SLICE` on it (see the module doc).
     fn flush_dirty(&mut self, now: Millis) {
         let started = Instant::now();
-        while let Some(key) = self.dirty.pop_front() {
+        let flushed_at = self.now();
+        while let Some((key, queued_at)) = self.dirty.pop_front() {
             // A connection torn down while queued leaves its key behind; `dirty` tells a
             // live entry (or a new connection that reused the key and queued itself) from
             // a stale one.
             if let Some(Conn::Ws(w)) = self.conns.get(key)
                 && w.dirty
             {
+                self.stats
+                    .flush_wait
+                    .observe(flushed_at.saturating_sub(queued_at) as f64 / 1000.0);
                 self.flush_one(key, now);
                 // A clock read (vDSO, tens of ns) is noise next to a write (10-20 µs).
                 if started.elapsed() >= FLUSH_SLICE {
@@ -1235,11 +1239,17 @@ impl Server {
 
 /// Records what a queued message means for the dirty and doomed lists; false if the
 /// connection is doomed.
-fn note_sent(sent: Sent, key: usize, dirty: &mut VecDeque<usize>, doomed: &mut Vec<(usize, Reason)>) -> bool {
+fn note_sent(
+    sent: Sent,
+    key: usize,
+    now: Millis,
+    dirty: &mut VecDeque<(usize, Millis)>,
+    doomed: &mut Vec<(usize, Reason)>,
+) -> bool {
     match sent {
         Sent::Queued { newly_dirty } => {
             if newly_dirty {
-                dirty.push_back(key);
+                dirty.push_back((key, now));
             }
             true
         }
@@ -1261,7 +1271,7 @@ fn queue_key(queue: &VecDeque<Event>) -> Box<str> {
 fn fan_out(
     subs: &Subs,
     conns: &mut Slab<Conn>,
-    dirty: &mut VecDeque<usize>,
+    dirty: &mut VecDeque<(usize, Millis)>,
     doomed: &mut Vec<(usize, Reason)>,
     stats: &mut Stats,
     ev: &Event,
@@ -1284,7 +1294,7 @@ fn fan_out(
             Sent::Queued { newly_dirty } => {
                 stats.deliveries += 1;
                 if newly_dirty {
-                    dirty.push_back(m.conn);
+                    dirty.push_back((m.conn, now));
                 }
             }
             Sent::Evict(reason) => doomed.push((m.conn, reason)),

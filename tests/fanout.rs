@@ -90,5 +90,16 @@ fn input_is_answered_between_slices_of_a_large_fan_out() {
         assert!(Instant::now() < deadline, "the flush queue never emptied");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The wait histogram saw every subscriber's flush, and the ones at the back of the
+    // queue waited past the first bucket (a millisecond).
+    metrics.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let text = read_response(&mut metrics, false).unwrap().text();
+    let count = sample(&text, "notification_flush_wait_seconds_count");
+    let within_1ms = sample(&text, "notification_flush_wait_seconds_bucket{le=\"0.001\"}");
+    assert!(count >= SUBSCRIBERS as u64, "{count} flushes observed");
+    assert!(
+        within_1ms < count,
+        "no flush waited over 1 ms in a {SUBSCRIBERS}-way fan-out"
+    );
     server.assert_alive();
 }
