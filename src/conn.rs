@@ -287,6 +287,18 @@ impl<S: Stream> HttpConn<S> {
             let total = head.len + head.content_length;
             if self.inbuf.len() < total {
                 if head.expect_continue && !self.sent_continue {
+                    // An event that will be refused is refused now, instead of inviting its
+                    // body first (as the official server does: its handler checks the token
+                    // before reading). The unread body is why the connection then closes.
+                    if head.route == Some(Route::Events)
+                        && !self.metrics
+                        && let Some(refusal) = self.refuse_event(&head, ctx, tally)
+                    {
+                        self.out.extend_from_slice(&refusal);
+                        self.close_after_write = Some(Reason::Done);
+                        self.inbuf.clear();
+                        return;
+                    }
                     self.sent_continue = true;
                     self.out.extend_from_slice(http::CONTINUE);
                 }
@@ -340,29 +352,9 @@ impl<S: Stream> HttpConn<S> {
         }
         match head.route {
             Some(Route::Ping) => self.out.extend_from_slice(&http::pong(keep, head_only)),
-            Some(Route::Events)
-                if !ctx.config.events_allow.is_empty()
-                    && !ctx.config.events_allow.iter().any(|n| n.contains(self.peer.ip())) =>
-            {
-                log::warn!("refused event from {}: address not in events_allow", self.peer);
-                self.out.extend_from_slice(&http::plain(
-                    403,
-                    "Forbidden",
-                    "events are not accepted from this address\n",
-                    keep,
-                    false,
-                ));
-            }
             Some(Route::Events) => {
-                let token = auth::event_token(head.authorization.as_deref(), head.seafile_repo_token.as_deref());
-                let verdict = match token {
-                    Some(t) => ctx.verifier.verify_event(t, ctx.unix_now),
-                    None => Err(auth::TokenError::Malformed),
-                };
-                if let Err(e) = verdict {
-                    tally.token_rejections.push(e);
-                    log::warn!("refused event from {}: bad token ({})", self.peer, e.label());
-                    self.out.extend_from_slice(&http::token_mismatch(keep));
+                if let Some(refusal) = self.refuse_event(head, ctx, tally) {
+                    self.out.extend_from_slice(&refusal);
                     return;
                 }
                 match event::parse(self.inbuf.get(head.len..total).unwrap_or_default()) {
@@ -406,6 +398,32 @@ impl<S: Stream> HttpConn<S> {
             },
             Some(Route::NotFound) | None => self.out.extend_from_slice(&http::not_found(keep, head_only)),
         }
+    }
+
+    /// The answer to an `/events` request that is refused whatever its body: a sender
+    /// outside `events_allow` (403) or a missing or bad token (400, as the official
+    /// server). Logged and counted here.
+    fn refuse_event(&self, head: &Head, ctx: &Ctx, tally: &mut HttpTally) -> Option<Vec<u8>> {
+        let keep = head.keep_alive;
+        if !ctx.config.events_allow.is_empty() && !ctx.config.events_allow.iter().any(|n| n.contains(self.peer.ip())) {
+            log::warn!("refused event from {}: address not in events_allow", self.peer);
+            return Some(http::plain(
+                403,
+                "Forbidden",
+                "events are not accepted from this address\n",
+                keep,
+                false,
+            ));
+        }
+        let token = auth::event_token(head.authorization.as_deref(), head.seafile_repo_token.as_deref());
+        let verdict = match token {
+            Some(t) => ctx.verifier.verify_event(t, ctx.unix_now),
+            None => Err(auth::TokenError::Malformed),
+        };
+        let e = verdict.err()?;
+        tally.token_rejections.push(e);
+        log::warn!("refused event from {}: bad token ({})", self.peer, e.label());
+        Some(http::token_mismatch(keep))
     }
 
     /// Writes pending output; decides what happens once it is all out.

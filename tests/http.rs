@@ -551,6 +551,25 @@ fn expect_100_continue_is_answered_before_the_body() {
     }
 }
 
+#[test]
+fn expect_100_continue_with_a_bad_token_is_refused_before_the_body() {
+    let server = Server::start("");
+    for (what, auth) in [("bad token", "Authorization: Token nope\r\n"), ("no token", "")] {
+        let mut s = connect(server.addr);
+        let head = format!(
+            "POST /events HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        // The final answer comes at once, without a 100 and without the body being sent.
+        let r = read_response(&mut s, false).expect("an answer without the body");
+        assert_eq!(r.status, 400, "{what}: {r:?}");
+        assert_eq!(r.body, TOKEN_REFUSED, "{what}");
+        // The body was never read, so the connection cannot go on.
+        assert_eof(&mut s, what);
+    }
+    server.assert_alive();
+}
+
 // ---- limits ----
 
 const SMALL_LIMITS: &str = "max_head_bytes = 1024\nmax_body_bytes = 2048";
