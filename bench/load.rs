@@ -46,8 +46,9 @@
 //! `--connect-concurrency C` (handshakes in flight, 128); `--source-ips K` (20);
 //! `--deadline-s S` (every wait gives up after this, 60); `--threads T` (tokio
 //! workers, default: number of CPUs); `--log-level L` (server, info);
-//! `--max-connections M` (server config, 30000); `--ping-interval S` (server config,
-//! default 1, the official cadence; must stay below `pong_timeout`, 5); `--server-bin PATH`;
+//! `--max-connections M` (server config, 30000); `--ping-interval S` and
+//! `--pong-timeout S` (server config, default 1 and 5, the official cadence);
+//! `--server-bin PATH`;
 //! `--url ws://HOST:PORT --pid PID --key KEY` (external server).
 //! `--post-url http://HOST:PORT` posts the events to another instance than the clients
 //! are connected to (a cluster sharing events through Redis): cross-instance delivery.
@@ -157,6 +158,7 @@ struct Opts {
     log_level: String,
     max_connections: usize,
     ping_interval: Option<f64>,
+    pong_timeout: Option<f64>,
     server_bin: Option<PathBuf>,
     url: Option<String>,
     post_url: Option<String>,
@@ -167,7 +169,7 @@ struct Opts {
 const USAGE: &str = "usage: cargo bench --bench load -- [--scenario a|b|c|d|quick|all] \
 [--clients N] [--repos R] [--events E] [--rate EV_PER_S] [--duration-s S] [--idle-s S] \
 [--http-conns H] [--connect-concurrency C] [--source-ips K] [--deadline-s S] [--threads T] \
-[--log-level L] [--max-connections M] [--ping-interval S] [--server-bin PATH] \
+[--log-level L] [--max-connections M] [--ping-interval S] [--pong-timeout S] [--server-bin PATH] \
 [--url ws://HOST:PORT --key KEY [--pid PID]]  (see the doc comment of bench/load.rs)";
 
 fn parse_args() -> Result<Opts, String> {
@@ -187,6 +189,7 @@ fn parse_args() -> Result<Opts, String> {
         log_level: "info".into(),
         max_connections: 30000,
         ping_interval: None,
+        pong_timeout: None,
         server_bin: None,
         url: None,
         post_url: None,
@@ -232,6 +235,7 @@ fn parse_args() -> Result<Opts, String> {
             "--log-level" => o.log_level = value()?,
             "--max-connections" => o.max_connections = num(&flag, &value()?)?,
             "--ping-interval" => o.ping_interval = Some(num(&flag, &value()?)?),
+            "--pong-timeout" => o.pong_timeout = Some(num(&flag, &value()?)?),
             "--server-bin" => o.server_bin = Some(PathBuf::from(value()?)),
             "--url" => o.url = Some(value()?),
             "--post-url" => o.post_url = Some(value()?),
@@ -517,6 +521,9 @@ impl ServerProcess {
         );
         if let Some(every) = o.ping_interval {
             conf.push_str(&format!("ping_interval = {every}\n"));
+        }
+        if let Some(timeout) = o.pong_timeout {
+            conf.push_str(&format!("pong_timeout = {timeout}\n"));
         }
         std::fs::write(dir.join("seafile.conf"), conf).map_err(|e| format!("write config: {e}"))?;
         let mut child = Command::new(bin)
