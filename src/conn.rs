@@ -24,12 +24,6 @@ pub trait Stream: Read + Write {
     fn shutdown_write(&self);
 }
 
-impl Stream for mio::net::TcpStream {
-    fn shutdown_write(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Write);
-    }
-}
-
 /// Answer bytes an HTTP connection may have waiting for the socket before it stops
 /// reading further requests (back-pressure for clients that pipeline without reading).
 pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;

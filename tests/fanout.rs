@@ -11,24 +11,6 @@ use std::time::{Duration, Instant};
 
 const SUBSCRIBERS: usize = 3000;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The value of one unlabelled sample in a scrape.
-fn sample(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no sample {name} in\n{metrics}"))
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn input_is_answered_between_slices_of_a_large_fan_out() {
     raise_nofile();
@@ -49,7 +31,7 @@ fn input_is_answered_between_slices_of_a_large_fan_out() {
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let r = read_response(s, false).expect("no metrics answer");
         assert_eq!(r.status, 200);
-        sample(&r.text(), "notification_flush_queue")
+        metric_value(&r.text(), "notification_flush_queue") as u64
     };
     let mut metrics = connect(metrics_addr.parse().unwrap());
     let mut events = connect(server.addr);
@@ -94,8 +76,8 @@ fn input_is_answered_between_slices_of_a_large_fan_out() {
     // queue waited past the first bucket (a millisecond).
     metrics.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let text = read_response(&mut metrics, false).unwrap().text();
-    let count = sample(&text, "notification_flush_wait_seconds_count");
-    let within_1ms = sample(&text, "notification_flush_wait_seconds_bucket{le=\"0.001\"}");
+    let count = metric_value(&text, "notification_flush_wait_seconds_count") as u64;
+    let within_1ms = metric_value(&text, "notification_flush_wait_seconds_bucket{le=\"0.001\"}") as u64;
     assert!(count >= SUBSCRIBERS as u64, "{count} flushes observed");
     assert!(
         within_1ms < count,

@@ -8,14 +8,6 @@ use serde_json::json;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn scrape(addr: &str) -> String {
     let r = request(
         addr.parse().unwrap(),
@@ -29,15 +21,6 @@ fn scrape(addr: &str) -> String {
     r.text()
 }
 
-fn value(metrics: &str, sample: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no sample {sample} in\n{metrics}"))
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn metrics_are_scraped_from_their_own_listener_only() {
     let metrics_addr = format!("127.0.0.1:{}", free_port());
@@ -49,16 +32,19 @@ fn metrics_are_scraped_from_their_own_listener_only() {
     let bad = post_event(server.addr, "{}", Some("Token nope"));
     assert_eq!(bad.status, 400);
     let text = scrape(&metrics_addr);
-    assert_eq!(value(&text, "notification_connections{state=\"websocket\"}"), 1.0);
-    assert_eq!(value(&text, "notification_subscriptions"), 1.0);
-    assert_eq!(value(&text, "notification_repos"), 1.0);
     assert_eq!(
-        value(&text, "notification_events_received_total{type=\"repo-update\"}"),
+        metric_value(&text, "notification_connections{state=\"websocket\"}"),
         1.0
     );
-    assert_eq!(value(&text, "notification_deliveries_total"), 1.0);
+    assert_eq!(metric_value(&text, "notification_subscriptions"), 1.0);
+    assert_eq!(metric_value(&text, "notification_repos"), 1.0);
     assert_eq!(
-        value(
+        metric_value(&text, "notification_events_received_total{type=\"repo-update\"}"),
+        1.0
+    );
+    assert_eq!(metric_value(&text, "notification_deliveries_total"), 1.0);
+    assert_eq!(
+        metric_value(
             &text,
             "notification_token_rejections_total{token=\"event\",cause=\"malformed\"}"
         ),
@@ -66,21 +52,24 @@ fn metrics_are_scraped_from_their_own_listener_only() {
     );
     // The sync probe of `subscribe` is a refused client token.
     assert_eq!(
-        value(
+        metric_value(
             &text,
             "notification_token_rejections_total{token=\"client\",cause=\"malformed\"}"
         ),
         1.0
     );
-    assert!(value(&text, "notification_loop_turn_seconds_count") > 0.0);
-    assert!(value(&text, "process_resident_memory_bytes") > 0.0);
+    assert!(metric_value(&text, "notification_loop_turn_seconds_count") > 0.0);
+    assert!(metric_value(&text, "process_resident_memory_bytes") > 0.0);
     // Closes are counted by reason.
     drop(a);
     let deadline = Instant::now() + DEADLINE;
     loop {
         let text = scrape(&metrics_addr);
         if text.contains("notification_closes_total{reason=\"peer_closed\"}") {
-            assert_eq!(value(&text, "notification_connections{state=\"websocket\"}"), 0.0);
+            assert_eq!(
+                metric_value(&text, "notification_connections{state=\"websocket\"}"),
+                0.0
+            );
             break;
         }
         assert!(Instant::now() < deadline, "close never counted:\n{text}");

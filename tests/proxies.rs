@@ -79,14 +79,6 @@ fn find_binary(name: &str) -> PathBuf {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }

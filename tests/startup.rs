@@ -183,14 +183,6 @@ fn post_signed(addr: SocketAddr, key: &[u8]) -> Response {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `YYYY-MM-DD HH:MM:SS` in local time for a Unix time, computed as the server must.
 fn local_stamp(unix: i64) -> String {
     let t = unix as libc::time_t;

@@ -22,6 +22,26 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// A port that was free a moment ago on 127.0.0.1, for listeners the test must name
+/// in a config file (metrics, databases, proxies).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The value of one sample (name with its labels) in a Prometheus scrape.
+pub fn metric_value(metrics: &str, sample: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no sample {sample} in\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
 /// Raises this process's open-file limit to its hard limit, for tests with crowds.
 pub fn raise_nofile() {
     let mut lim = libc::rlimit {
