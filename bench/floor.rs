@@ -97,6 +97,10 @@
 //! failure (set-up, short write, a round that does not complete within 10 s), 2 on bad
 //! arguments.
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::parse_flags;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -149,39 +153,18 @@ fn parse_args() -> Result<Opts, String> {
         pause: Duration::from_millis(5),
         idle_pause: Duration::from_millis(400),
     };
-    fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
-        v.parse().map_err(|_| format!("bad value for {flag}: {v}"))
-    }
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        // `cargo bench` passes `--bench` to harness-less benches.
-        if arg == "--bench" {
-            continue;
+    parse_flags(USAGE, |flag, value| {
+        match flag {
+            "--conns" => opts.conns = common::num(flag, &value()?)?,
+            "--rounds" => opts.rounds = common::num(flag, &value()?)?,
+            "--warmup" => opts.warmup = common::num(flag, &value()?)?,
+            "--source-ips" => opts.source_ips = common::num(flag, &value()?)?,
+            "--pause-ms" => opts.pause = Duration::from_millis(common::num(flag, &value()?)?),
+            "--idle-pause-ms" => opts.idle_pause = Duration::from_millis(common::num(flag, &value()?)?),
+            _ => return Ok(false),
         }
-        if arg == "-h" || arg == "--help" {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "--conns" => opts.conns = num(&flag, &value()?)?,
-            "--rounds" => opts.rounds = num(&flag, &value()?)?,
-            "--warmup" => opts.warmup = num(&flag, &value()?)?,
-            "--source-ips" => opts.source_ips = num(&flag, &value()?)?,
-            "--pause-ms" => opts.pause = Duration::from_millis(num(&flag, &value()?)?),
-            "--idle-pause-ms" => opts.idle_pause = Duration::from_millis(num(&flag, &value()?)?),
-            _ => return Err(format!("unknown argument {arg}")),
-        }
-    }
+        Ok(true)
+    })?;
     if opts.conns == 0 || opts.rounds == 0 || !(1..=254).contains(&opts.source_ips) {
         return Err("--conns and --rounds must be positive, --source-ips 1..254".into());
     }

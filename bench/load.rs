@@ -91,21 +91,22 @@
 //!   lost, duplicated, misrouted, failed to connect or confirm, HTTP errors, server
 //!   died), 2 on bad arguments or when the server cannot be built or started.
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{Fields, Http, Resp, num, parse_flags, parse_listening, raise_nofile_limit, random_key, rss_kb, unix_now};
 use std::collections::VecDeque;
-use std::collections::hash_map::RandomState;
 use std::fmt::Write as _;
-use std::hash::BuildHasher;
 use std::io::{BufRead, BufReader, Write as _};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::{Instant as TInstant, sleep, sleep_until, timeout, timeout_at};
@@ -113,8 +114,6 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-/// How long one HTTP request may take before the connection is dropped.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Give up waiting for deliveries when nothing arrived for this long.
 const STALL: Duration = Duration::from_secs(10);
 /// Probes for incomplete repos are re-posted this often.
@@ -129,13 +128,6 @@ static BASE: OnceLock<Instant> = OnceLock::new();
 /// Never 0 after `main` captured the base, so 0 can mean "not sent".
 fn now_ns() -> u64 {
     BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------
@@ -196,54 +188,33 @@ fn parse_args() -> Result<Opts, String> {
         pid: None,
         key: None,
     };
-    fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
-        v.parse().map_err(|_| format!("bad value for {flag}: {v}"))
-    }
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        // `cargo bench` passes `--bench` to harness-less benches.
-        if arg == "--bench" {
-            continue;
-        }
-        if arg == "-h" || arg == "--help" {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
+    parse_flags(USAGE, |flag, value| {
+        match flag {
             "--scenario" => o.scenario = value()?,
-            "--clients" => o.clients = Some(num(&flag, &value()?)?),
-            "--repos" => o.repos = Some(num(&flag, &value()?)?),
-            "--events" => o.events = Some(num(&flag, &value()?)?),
-            "--rate" => o.rate = num(&flag, &value()?)?,
-            "--duration-s" => o.duration_s = num(&flag, &value()?)?,
-            "--idle-s" => o.idle_s = num(&flag, &value()?)?,
-            "--http-conns" => o.http_conns = Some(num(&flag, &value()?)?),
-            "--connect-concurrency" => o.connect_concurrency = num(&flag, &value()?)?,
-            "--source-ips" => o.source_ips = num(&flag, &value()?)?,
-            "--deadline-s" => o.deadline = Duration::from_secs_f64(num(&flag, &value()?)?),
-            "--threads" => o.threads = Some(num(&flag, &value()?)?),
+            "--clients" => o.clients = Some(num(flag, &value()?)?),
+            "--repos" => o.repos = Some(num(flag, &value()?)?),
+            "--events" => o.events = Some(num(flag, &value()?)?),
+            "--rate" => o.rate = num(flag, &value()?)?,
+            "--duration-s" => o.duration_s = num(flag, &value()?)?,
+            "--idle-s" => o.idle_s = num(flag, &value()?)?,
+            "--http-conns" => o.http_conns = Some(num(flag, &value()?)?),
+            "--connect-concurrency" => o.connect_concurrency = num(flag, &value()?)?,
+            "--source-ips" => o.source_ips = num(flag, &value()?)?,
+            "--deadline-s" => o.deadline = Duration::from_secs_f64(num(flag, &value()?)?),
+            "--threads" => o.threads = Some(num(flag, &value()?)?),
             "--log-level" => o.log_level = value()?,
-            "--max-connections" => o.max_connections = num(&flag, &value()?)?,
-            "--ping-interval" => o.ping_interval = Some(num(&flag, &value()?)?),
-            "--pong-timeout" => o.pong_timeout = Some(num(&flag, &value()?)?),
+            "--max-connections" => o.max_connections = num(flag, &value()?)?,
+            "--ping-interval" => o.ping_interval = Some(num(flag, &value()?)?),
+            "--pong-timeout" => o.pong_timeout = Some(num(flag, &value()?)?),
             "--server-bin" => o.server_bin = Some(PathBuf::from(value()?)),
             "--url" => o.url = Some(value()?),
             "--post-url" => o.post_url = Some(value()?),
-            "--pid" => o.pid = Some(num(&flag, &value()?)?),
+            "--pid" => o.pid = Some(num(flag, &value()?)?),
             "--key" => o.key = Some(value()?),
-            _ => return Err(format!("unknown argument {arg}")),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     if !["a", "b", "c", "d", "quick", "all"].contains(&o.scenario.as_str()) {
         return Err(format!("unknown scenario {}", o.scenario));
     }
@@ -408,12 +379,6 @@ fn round3(x: f64) -> f64 {
 // ---------------------------------------------------------------------------------
 // /proc readings
 
-fn rss_kb(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// Server CPU time in ns: the sum of the per-thread schedstat run times (ns
 /// resolution; a 10 ms tick is too coarse for a short burst), falling back to
 /// utime + stime of /proc/PID/stat in clock ticks.
@@ -468,30 +433,6 @@ fn self_cpu_ns() -> u64 {
     };
     let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
     tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
-/// Raises the soft RLIMIT_NOFILE to the hard limit (inherited by the server we spawn).
-fn raise_nofile_limit() -> u64 {
-    // SAFETY: plain libc calls on a local struct.
-    unsafe {
-        let mut rl = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
-            return 1024;
-        }
-        if rl.rlim_cur < rl.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: rl.rlim_max,
-                rlim_max: rl.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                rl.rlim_cur = rl.rlim_max;
-            }
-        }
-        rl.rlim_cur
-    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -613,32 +554,12 @@ impl Drop for ServerProcess {
     }
 }
 
-/// Parses the address from a log line containing `listening on 127.0.0.1:PORT`.
-fn parse_listening(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
-    let word = rest.split_whitespace().next()?;
-    let word = word.trim_start_matches("ws://").trim_start_matches("http://");
-    let word = word.trim_matches(|c: char| !(c.is_ascii_alphanumeric() || "[]:.".contains(c)));
-    let mut addr: SocketAddr = word.parse().ok()?;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    }
-    Some(addr)
-}
-
 /// The server under test: either one we started or an external one.
 struct Target {
     addr: SocketAddr,
     pid: Option<u32>,
     key: String,
     server: Option<ServerProcess>,
-}
-
-fn random_key() -> String {
-    let s = RandomState::new();
-    (0..4)
-        .map(|i| format!("{:016x}", s.hash_one((i, unix_now()))))
-        .collect()
 }
 
 fn parse_ws_url(url: &str) -> Result<SocketAddr, String> {
@@ -658,142 +579,6 @@ fn parse_ws_url(url: &str) -> Result<SocketAddr, String> {
 
 // ---------------------------------------------------------------------------------
 // Minimal keep-alive HTTP/1.1 client
-
-struct Http {
-    addr: SocketAddr,
-    stream: Option<TcpStream>,
-    out: Vec<u8>,
-    inp: Vec<u8>,
-    retries: u64,
-}
-
-struct Resp {
-    status: u16,
-    /// Body bytes of the response, kept for error messages.
-    body: Vec<u8>,
-}
-
-impl Http {
-    fn new(addr: SocketAddr) -> Http {
-        Http {
-            addr,
-            stream: None,
-            out: Vec::with_capacity(1024),
-            inp: Vec::with_capacity(4096),
-            retries: 0,
-        }
-    }
-
-    /// Sends one request; a reused connection that fails before any byte of the
-    /// answer arrived (e.g. the server closed an idle keep-alive connection) is retried
-    /// once on a fresh connection.
-    async fn request(&mut self, method: &str, path: &str, auth: Option<&str>, body: &[u8]) -> Result<Resp, String> {
-        self.out.clear();
-        let _ = write!(self.out, "{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
-        if let Some(token) = auth {
-            let _ = write!(self.out, "Authorization: Token {token}\r\n");
-        }
-        let _ = write!(
-            self.out,
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        self.out.extend_from_slice(body);
-        loop {
-            let fresh = self.stream.is_none();
-            if fresh {
-                let s = timeout(HTTP_TIMEOUT, TcpStream::connect(self.addr))
-                    .await
-                    .map_err(|_| "http connect timed out".to_string())?
-                    .map_err(|e| format!("http connect: {e}"))?;
-                s.set_nodelay(true).map_err(|e| e.to_string())?;
-                self.stream = Some(s);
-            }
-            let stream = self.stream.as_mut().expect("connected above");
-            let res = timeout(HTTP_TIMEOUT, exchange(stream, &self.out, &mut self.inp)).await;
-            match res {
-                Ok(Ok((status, body_at, close))) => {
-                    if close {
-                        self.stream = None;
-                    }
-                    let body = if status == 200 {
-                        Vec::new()
-                    } else {
-                        self.inp[body_at..].to_vec()
-                    };
-                    return Ok(Resp { status, body });
-                }
-                Ok(Err((e, answered))) => {
-                    self.stream = None;
-                    if fresh || answered {
-                        return Err(e);
-                    }
-                    self.retries += 1;
-                }
-                Err(_) => {
-                    self.stream = None;
-                    return Err(format!("{method} {path}: no answer within {HTTP_TIMEOUT:?}"));
-                }
-            }
-        }
-    }
-}
-
-/// Writes `req` and reads one response into `buf`.  Returns (status, offset of the
-/// body in `buf`, connection-close); the error says whether any answer byte came.
-async fn exchange(stream: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> Result<(u16, usize, bool), (String, bool)> {
-    stream
-        .write_all(req)
-        .await
-        .map_err(|e| (format!("http write: {e}"), false))?;
-    buf.clear();
-    loop {
-        let head = {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let mut clen = 0usize;
-                    let mut close = resp.version == Some(0);
-                    for h in resp.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("content-length") {
-                            clen = std::str::from_utf8(h.value)
-                                .ok()
-                                .and_then(|s| s.trim().parse().ok())
-                                .unwrap_or(0);
-                        } else if h.name.eq_ignore_ascii_case("connection") {
-                            close = h.value.eq_ignore_ascii_case(b"close");
-                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                            return Err(("chunked http responses are not supported".into(), true));
-                        }
-                    }
-                    Some((resp.code.unwrap_or(0), n, clen, close))
-                }
-                Ok(httparse::Status::Partial) => None,
-                Err(e) => return Err((format!("bad http response: {e}"), true)),
-            }
-        };
-        if let Some((status, n, clen, close)) = head {
-            while buf.len() < n + clen {
-                buf.reserve(4096);
-                match stream.read_buf(buf).await {
-                    Ok(0) => return Err(("connection closed inside http body".into(), true)),
-                    Ok(_) => {}
-                    Err(e) => return Err((format!("http read: {e}"), true)),
-                }
-            }
-            return Ok((status, n, close));
-        }
-        buf.reserve(4096);
-        match stream.read_buf(buf).await {
-            Ok(0) => {
-                return Err(("connection closed before the http answer".into(), !buf.is_empty()));
-            }
-            Ok(_) => {}
-            Err(e) => return Err((format!("http read: {e}"), !buf.is_empty())),
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------
 // Shared run state
@@ -1552,35 +1337,7 @@ async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Target) -> (Fi
     (out, problems)
 }
 
-/// The result line: a JSON object whose keys keep their insertion order (a
-/// `serde_json::Map` would sort them).  Values are stored as JSON text.
-#[derive(Default)]
-struct Fields(Vec<(&'static str, String)>);
-
-impl Fields {
-    fn put(&mut self, key: &'static str, v: impl serde::Serialize) {
-        let text = serde_json::to_string(&v).unwrap_or_else(|_| "null".into());
-        self.0.push((key, text));
-    }
-
-    /// `json` must already be valid JSON text.
-    fn put_raw(&mut self, key: &'static str, json: String) {
-        self.0.push((key, json));
-    }
-}
-
-impl std::fmt::Display for Fields {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("{")?;
-        for (i, (k, v)) in self.0.iter().enumerate() {
-            let sep = if i == 0 { "" } else { "," };
-            write!(f, "{sep}\"{k}\":{v}")?;
-        }
-        f.write_str("}")
-    }
-}
-
-/// RSS after the clients left: polls until unchanged for 1 s, at most 3 s.
+/// RSS after the clients left: polls until unchanged for 2 s, at most 5 s.
 async fn settle_rss(pid: u32) -> Option<u64> {
     let until = TInstant::now() + Duration::from_secs(5);
     let mut last = rss_kb(pid)?;

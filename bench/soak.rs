@@ -77,17 +77,22 @@
 //!
 //! Every wait has a deadline, the run stops by itself, and all traffic is on 127.0.0.1.
 
-use std::collections::hash_map::RandomState;
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{
+    Fields, HTTP_TIMEOUT, Http, Resp, num, parse_flags, parse_listening, raise_nofile_limit, random_key, rss_kb,
+    unix_now,
+};
 use std::collections::{HashSet, VecDeque};
 use std::fmt::Write as _;
-use std::hash::BuildHasher;
 use std::io::{BufRead, BufReader, Write as _};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -102,8 +107,6 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 /// Any single step of a churn connection (connect, an answer, a close) may take this long.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one HTTP request may take.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connecting and confirming all steady subscribers.
 const SETUP_DEADLINE: Duration = Duration::from_secs(60);
 /// After posting stopped, how long the steady subscribers may take to get everything.
@@ -145,35 +148,13 @@ fn parse_args() -> Result<Opts, String> {
         log_level: "warn".into(),
         server_bin: None,
     };
-    fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
-        v.parse().map_err(|_| format!("bad value for {flag}: {v}"))
-    }
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        // `cargo bench` passes `--bench` to harness-less benches.
-        if arg == "--bench" {
-            continue;
-        }
-        if arg == "-h" || arg == "--help" {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "--seconds" => o.seconds = num(&flag, &value()?)?,
-            "--steady" => o.steady = num(&flag, &value()?)?,
-            "--churners" => o.churners = num(&flag, &value()?)?,
-            "--rate" => o.rate = num(&flag, &value()?)?,
-            "--warmup" => o.warmup = Some(num(&flag, &value()?)?),
+    parse_flags(USAGE, |flag, value| {
+        match flag {
+            "--seconds" => o.seconds = num(flag, &value()?)?,
+            "--steady" => o.steady = num(flag, &value()?)?,
+            "--churners" => o.churners = num(flag, &value()?)?,
+            "--rate" => o.rate = num(flag, &value()?)?,
+            "--warmup" => o.warmup = Some(num(flag, &value()?)?),
             "--methods" => {
                 o.methods = value()?
                     .split(',')
@@ -182,9 +163,10 @@ fn parse_args() -> Result<Opts, String> {
             }
             "--log-level" => o.log_level = value()?,
             "--server-bin" => o.server_bin = Some(PathBuf::from(value()?)),
-            _ => return Err(format!("unknown argument {arg}")),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     if !(o.seconds.is_finite() && o.seconds > 0.0 && o.rate.is_finite() && o.rate > 0.0) {
         return Err("--seconds and --rate must be positive".into());
     }
@@ -200,20 +182,7 @@ fn parse_args() -> Result<Opts, String> {
 }
 
 // ---------------------------------------------------------------------------------
-// Small helpers (copied from bench/load.rs: bench files are separate programs)
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn rss_kb(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
+// Small helpers (the ones bench/load.rs also uses are in bench/common)
 
 /// RSS once it stopped moving: two equal consecutive readings 200 ms apart, or the last
 /// reading after 3 s.
@@ -229,37 +198,6 @@ async fn settle_rss(pid: u32) -> Option<u64> {
         last = v;
     }
     Some(last)
-}
-
-/// Raises the soft RLIMIT_NOFILE to the hard limit (inherited by the server we spawn).
-fn raise_nofile_limit() -> u64 {
-    // SAFETY: plain libc calls on a local struct.
-    unsafe {
-        let mut rl = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
-            return 1024;
-        }
-        if rl.rlim_cur < rl.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: rl.rlim_max,
-                rlim_max: rl.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                rl.rlim_cur = rl.rlim_max;
-            }
-        }
-        rl.rlim_cur
-    }
-}
-
-fn random_key() -> String {
-    let s = RandomState::new();
-    (0..4)
-        .map(|i| format!("{:016x}", s.hash_one((i, unix_now()))))
-        .collect()
 }
 
 fn sign(key: &str, claims: &Value) -> String {
@@ -414,17 +352,6 @@ impl Drop for ServerProcess {
     }
 }
 
-/// Parses the address from a log line containing `listening on 127.0.0.1:PORT`.
-fn parse_listening(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
-    let word = rest.split_whitespace().next()?;
-    let mut addr: SocketAddr = word.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok()?;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    }
-    Some(addr)
-}
-
 /// The IPv4 address a process listens on: its socket inodes (/proc/PID/fd) matched
 /// against the LISTEN entries of /proc/PID/net/tcp.
 fn listening_addr(pid: u32) -> Option<SocketAddr> {
@@ -488,131 +415,6 @@ fn build_server() -> Result<PathBuf, String> {
 
 // ---------------------------------------------------------------------------------
 // Minimal keep-alive HTTP/1.1 client (from bench/load.rs)
-
-struct Http {
-    addr: SocketAddr,
-    stream: Option<TcpStream>,
-    out: Vec<u8>,
-    inp: Vec<u8>,
-}
-
-impl Http {
-    fn new(addr: SocketAddr) -> Http {
-        Http {
-            addr,
-            stream: None,
-            out: Vec::with_capacity(1024),
-            inp: Vec::with_capacity(4096),
-        }
-    }
-
-    /// Sends one request and returns (status, body).  A reused connection that fails
-    /// before any byte of the answer arrived (the server closed an idle keep-alive
-    /// connection) is retried once on a fresh connection.
-    async fn request(
-        &mut self,
-        method: &str,
-        path: &str,
-        auth: Option<&str>,
-        body: &[u8],
-    ) -> Result<(u16, Vec<u8>), String> {
-        self.out.clear();
-        let _ = write!(self.out, "{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
-        if let Some(token) = auth {
-            let _ = write!(self.out, "Authorization: Token {token}\r\n");
-        }
-        let _ = write!(
-            self.out,
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        self.out.extend_from_slice(body);
-        loop {
-            let fresh = self.stream.is_none();
-            if fresh {
-                let s = timeout(HTTP_TIMEOUT, TcpStream::connect(self.addr))
-                    .await
-                    .map_err(|_| "http connect timed out".to_string())?
-                    .map_err(|e| format!("http connect: {e}"))?;
-                s.set_nodelay(true).map_err(|e| e.to_string())?;
-                self.stream = Some(s);
-            }
-            let stream = self.stream.as_mut().expect("connected above");
-            match timeout(HTTP_TIMEOUT, exchange(stream, &self.out, &mut self.inp)).await {
-                Ok(Ok((status, body_at, close))) => {
-                    if close {
-                        self.stream = None;
-                    }
-                    return Ok((status, self.inp[body_at..].to_vec()));
-                }
-                Ok(Err((e, answered))) => {
-                    self.stream = None;
-                    if fresh || answered {
-                        return Err(e);
-                    }
-                }
-                Err(_) => {
-                    self.stream = None;
-                    return Err(format!("{method} {path}: no answer within {HTTP_TIMEOUT:?}"));
-                }
-            }
-        }
-    }
-}
-
-/// Writes `req` and reads one response into `buf`.  Returns (status, offset of the
-/// body in `buf`, connection-close); the error says whether any answer byte came.
-async fn exchange(stream: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> Result<(u16, usize, bool), (String, bool)> {
-    stream
-        .write_all(req)
-        .await
-        .map_err(|e| (format!("http write: {e}"), false))?;
-    buf.clear();
-    loop {
-        let head = {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let mut clen = 0usize;
-                    let mut close = resp.version == Some(0);
-                    for h in resp.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("content-length") {
-                            clen = std::str::from_utf8(h.value)
-                                .ok()
-                                .and_then(|s| s.trim().parse().ok())
-                                .unwrap_or(0);
-                        } else if h.name.eq_ignore_ascii_case("connection") {
-                            close = h.value.eq_ignore_ascii_case(b"close");
-                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                            return Err(("chunked http responses are not supported".into(), true));
-                        }
-                    }
-                    Some((resp.code.unwrap_or(0), n, clen, close))
-                }
-                Ok(httparse::Status::Partial) => None,
-                Err(e) => return Err((format!("bad http response: {e}"), true)),
-            }
-        };
-        if let Some((status, n, clen, close)) = head {
-            while buf.len() < n + clen {
-                buf.reserve(4096);
-                match stream.read_buf(buf).await {
-                    Ok(0) => return Err(("connection closed inside http body".into(), true)),
-                    Ok(_) => {}
-                    Err(e) => return Err((format!("http read: {e}"), true)),
-                }
-            }
-            return Ok((status, n, close));
-        }
-        buf.reserve(4096);
-        match stream.read_buf(buf).await {
-            Ok(0) => return Err(("connection closed before the http answer".into(), !buf.is_empty())),
-            Ok(_) => {}
-            Err(e) => return Err((format!("http read: {e}"), !buf.is_empty())),
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------
 // Shared run state
@@ -1302,8 +1104,8 @@ async fn poster(sh: Arc<Shared>, rate: f64) {
             .request("POST", "/events", Some(&sh.event_token), body.as_bytes())
             .await
         {
-            Ok((200, _)) => true,
-            Ok((status, b)) => {
+            Ok(Resp { status: 200, .. }) => true,
+            Ok(Resp { status, body: b }) => {
                 let msg = format!("POST /events -> {status} {}", String::from_utf8_lossy(&b));
                 sh.error(ErrKind::Http, None, msg);
                 false
@@ -1322,28 +1124,6 @@ async fn poster(sh: Arc<Shared>, rate: f64) {
 
 // ---------------------------------------------------------------------------------
 // The run
-
-/// The result line: a JSON object whose keys keep their insertion order.
-#[derive(Default)]
-struct Fields(Vec<(&'static str, String)>);
-
-impl Fields {
-    fn put(&mut self, key: &'static str, v: impl serde::Serialize) {
-        let text = serde_json::to_string(&v).unwrap_or_else(|_| "null".into());
-        self.0.push((key, text));
-    }
-}
-
-impl std::fmt::Display for Fields {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("{")?;
-        for (i, (k, v)) in self.0.iter().enumerate() {
-            let sep = if i == 0 { "" } else { "," };
-            write!(f, "{sep}\"{k}\":{v}")?;
-        }
-        f.write_str("}")
-    }
-}
 
 /// Polls `cond` every 10 ms until it holds or `deadline` passes; returns whether it holds.
 async fn wait_for(deadline: TInstant, cond: impl Fn() -> bool) -> bool {
@@ -1417,7 +1197,7 @@ async fn run(o: &Opts, addr: SocketAddr, pid: u32, key: &str) -> (Fields, Vec<St
 
     let mut http = Http::new(addr);
     match timeout(HTTP_TIMEOUT, http.request("GET", "/ping", None, b"")).await {
-        Ok(Ok((200, _))) => {}
+        Ok(Ok(Resp { status: 200, .. })) => {}
         other => problems.push(format!("GET /ping: {other:?}")),
     }
     drop(http);
