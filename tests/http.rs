@@ -68,20 +68,6 @@ fn assert_bad_body(r: &Response, what: &str) {
     assert_eq!(r.body, b"\n", "{what}: {r:?}");
 }
 
-/// Reads the next response head byte by byte (so nothing after it is consumed) and returns
-/// it raw, or None on EOF / timeout.
-fn read_head_raw(s: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte) {
-            Ok(1) => buf.push(byte[0]),
-            _ => return None,
-        }
-    }
-    Some(buf)
-}
-
 /// Asserts that the next thing on the socket is the server's EOF (or a reset): no more
 /// bytes, and not a timeout.
 fn assert_eof(s: &mut TcpStream, what: &str) {

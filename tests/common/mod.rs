@@ -343,8 +343,9 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// Reads one response (head plus Content-Length body) from a stream.
-pub fn read_response(s: &mut TcpStream, head_only: bool) -> Option<Response> {
+/// Reads the next response head byte by byte (so nothing after it is consumed) and returns
+/// it raw, or None on EOF / timeout.
+pub fn read_head_raw(s: &mut TcpStream) -> Option<Vec<u8>> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
@@ -353,6 +354,12 @@ pub fn read_response(s: &mut TcpStream, head_only: bool) -> Option<Response> {
             _ => return None,
         }
     }
+    Some(buf)
+}
+
+/// Reads one response (head plus Content-Length body) from a stream.
+pub fn read_response(s: &mut TcpStream, head_only: bool) -> Option<Response> {
+    let buf = read_head_raw(s)?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (status_line, head) = text.split_once("\r\n").unwrap();
     let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
