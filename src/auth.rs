@@ -137,6 +137,20 @@ impl Verifier {
         }
     }
 
+    /// Verifies the sender token an `/events` request carries in its headers (see
+    /// [`event_token`]); a request with none is `Malformed`.
+    pub fn verify_event_request(
+        &self,
+        authorization: Option<&str>,
+        seafile_repo_token: Option<&str>,
+        now: i64,
+    ) -> Result<(), TokenError> {
+        match event_token(authorization, seafile_repo_token) {
+            Some(token) => self.verify_event(token, now),
+            None => Err(TokenError::Malformed),
+        }
+    }
+
     /// Verifies a client token for a subscription to `repo_id`.
     pub fn verify_client(&self, token: &str, repo_id: &str, now: i64) -> Result<Grant, TokenError> {
         let claims = self.claims(token, now)?;

@@ -187,6 +187,19 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// The bus's state and counters, for a metrics scrape.
+    pub fn gauges(&self) -> crate::metrics::BusGauges {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = &self.stats;
+        crate::metrics::BusGauges {
+            connected: st.subscriber_connected.load(Relaxed) && st.publisher_connected.load(Relaxed),
+            published: st.published.load(Relaxed),
+            received: st.received.load(Relaxed),
+            dropped: st.dropped.load(Relaxed),
+            ignored: st.ignored.load(Relaxed),
+        }
+    }
+
     /// Starts the subscriber and publisher threads for `url` (`redis://[:password@]host[:port][/db]`).
     /// Fails only on a malformed URL; an unreachable Redis is retried in the background.
     pub fn spawn(url: &str, channel: &str, waker: Arc<mio::Waker>) -> Result<Bus, String> {

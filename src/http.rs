@@ -3,13 +3,13 @@
 //!
 //! Only what the notification server needs: Content-Length bodies (senders never chunk),
 //! keep-alive for pooled senders, `Expect: 100-continue`, and the websocket upgrade headers.
-//! No I/O happens here; `conn.rs` feeds bytes in and writes the bytes that come out.
+//! No I/O happens here; `conn::HttpConn` feeds bytes in and writes the bytes that come out.
 
 /// Most header lines accepted in one request; more is answered like an oversized head.
 pub const MAX_HEADERS: usize = 64;
 
 /// Where a request goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Route {
     /// `/ping` and the proxy spellings of it: 200 `{"ret": "pong"}`.
     Ping,
@@ -18,6 +18,7 @@ pub enum Route {
     /// `/`, `/notification`, `/notification/`: the websocket upgrade.
     Upgrade,
     /// Everything else: 404.
+    #[default]
     NotFound,
 }
 
@@ -40,7 +41,7 @@ pub struct Head {
     /// Bytes of the head including the blank line; the body starts here.
     pub len: usize,
     pub method: String,
-    pub route: Option<Route>,
+    pub route: Route,
     /// The path is `/metrics` (served only on the metrics listener).
     pub metrics_path: bool,
     /// Content-Length, 0 when absent.
@@ -129,7 +130,7 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
     let mut head = Head {
         len,
         method: method.to_string(),
-        route: Some(route(target)),
+        route: route(target),
         metrics_path: target.split('?').next() == Some("/metrics"),
         keep_alive: version == 1,
         ..Head::default()
@@ -317,7 +318,7 @@ mod tests {
         let h = parse("POST /events HTTP/1.1\r\nHost: x\r\nUser-Agent: Seafile Server\r\nAuthorization: Token abc\r\nContent-Length: 12\r\nExpect: 100-continue\r\n\r\n{")
             .unwrap()
             .unwrap();
-        assert_eq!(h.route, Some(Route::Events));
+        assert_eq!(h.route, Route::Events);
         assert_eq!(h.content_length, 12);
         assert!(h.keep_alive && h.expect_continue);
         assert_eq!(h.authorization.as_deref(), Some("Token abc"));

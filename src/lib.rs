@@ -9,8 +9,12 @@
 //! - [`logging`]: the official log line format, log file, SIGUSR1 reopen;
 //! - [`metrics`]: counters, gauges and their Prometheus rendering;
 //! - [`sdnotify`]: systemd readiness, stopping, reloading and watchdog messages;
-//! - [`server`]: the reactor: accept, dispatch, fan-out, timers, flush, teardown;
-//! - [`conn`]: one connection's state machine (HTTP, then maybe websocket) and its I/O;
+//! - [`control`]: signals, reload, drain, watchdog, memory trim;
+//! - [`server`]: the reactor: accept, dispatch, sweep, fan-out, flush, teardown;
+//! - [`conn`]: one connection's transport and timers (HTTP, then maybe websocket);
+//! - [`app`]: what an HTTP request means: routes, `/events`, the upgrade decision;
+//! - [`subscribe`]: what a client's subscribe and unsubscribe messages do;
+//! - [`gate`]: group-scoped delivery: held events, member cache, lookups;
 //! - [`socket`]: the TCP stream that skips the `EAGAIN` read after a short read;
 //! - [`http`]: pure HTTP/1.1 heads, routes and responses;
 //! - [`ws`]: upgrade checks, tungstenite settings, client messages;
@@ -28,18 +32,24 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
 )]
 
+pub mod app;
 pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod event;
+pub mod gate;
 pub mod groups;
 pub mod http;
 pub mod lenient;
 pub mod logging;
 pub mod metrics;
+#[cfg(test)]
+mod scripted;
 pub mod sdnotify;
 pub mod server;
 pub mod socket;
 pub mod subs;
+pub mod subscribe;
 pub mod ws;

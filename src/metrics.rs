@@ -68,10 +68,6 @@ impl Histogram {
         }
     }
 
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
     /// The `_bucket`, `_sum` and `_count` samples.
     fn samples(&self) -> Vec<(String, String)> {
         let mut out: Vec<_> = self
@@ -98,10 +94,6 @@ pub struct Stats {
     pub deliveries: u64,
     event_token_rejections: [u64; 8],
     client_token_rejections: [u64; 8],
-    pub group_events_dropped: u64,
-    pub group_lookups: u64,
-    pub group_lookup_failures: u64,
-    pub held_events_dropped: u64,
     closes: BTreeMap<&'static str, u64>,
     turns: Histogram,
     /// How long websockets waited in the flush queue.
@@ -119,10 +111,6 @@ impl Default for Stats {
             deliveries: 0,
             event_token_rejections: [0; 8],
             client_token_rejections: [0; 8],
-            group_events_dropped: 0,
-            group_lookups: 0,
-            group_lookup_failures: 0,
-            held_events_dropped: 0,
             closes: BTreeMap::new(),
             turns: Histogram::new(TURN_BUCKETS),
             flush_wait: Histogram::new(FLUSH_WAIT_BUCKETS),
@@ -141,10 +129,6 @@ impl Stats {
         }
     }
 
-    pub fn events_total(&self) -> u64 {
-        self.events.iter().sum()
-    }
-
     pub fn event_token_rejected(&mut self, e: TokenError) {
         if let Some(n) = self.event_token_rejections.get_mut(token_index(e)) {
             *n += 1;
@@ -159,10 +143,6 @@ impl Stats {
 
     pub fn closed(&mut self, reason: &'static str) {
         *self.closes.entry(reason).or_default() += 1;
-    }
-
-    pub fn closes(&self, reason: &str) -> u64 {
-        self.closes.get(reason).copied().unwrap_or(0)
     }
 
     /// Records how long one loop turn took.
@@ -181,6 +161,8 @@ pub struct Gauges {
     pub repos: u64,
     pub held_events: u64,
     pub pending_group_lookups: u64,
+    /// The group gate's counters (lookups, failures, drops) since start.
+    pub groups: crate::gate::GroupCounts,
     /// Websockets with output waiting for their turn in the time-sliced flush.
     pub flush_queue: u64,
     pub accept_paused: bool,
@@ -302,19 +284,19 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
         "notification_group_lookups_total",
         "counter",
         "Group membership lookups sent to the database.",
-        &one(s.group_lookups),
+        &one(g.groups.lookups),
     );
     metric(
         "notification_group_lookup_failures_total",
         "counter",
         "Group lookups that failed after retries.",
-        &one(s.group_lookup_failures),
+        &one(g.groups.lookup_failures),
     );
     metric(
         "notification_group_events_dropped_total",
         "counter",
         "Group-scoped events dropped (no database, failed lookup, too many pending).",
-        &one(s.group_events_dropped),
+        &one(g.groups.group_events_dropped),
     );
     metric(
         "notification_held_events",
@@ -326,7 +308,7 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
         "notification_held_events_dropped_total",
         "counter",
         "Events dropped because too many were held.",
-        &one(s.held_events_dropped),
+        &one(g.groups.held_events_dropped),
     );
     metric(
         "notification_pending_group_lookups",

@@ -36,20 +36,6 @@ impl Socket {
         }
     }
 
-    /// A readable event arrived: new bytes (or the end of stream) may be waiting.
-    /// `hung_up` is the event's read-closed or error flag.
-    pub fn on_readable(&mut self, hung_up: bool) {
-        self.drained = false;
-        self.hung_up |= hung_up;
-    }
-
-    /// Forgets a short read, for a read that must reach the kernel without an edge (the
-    /// sweep's last look before a pong-timeout eviction, when the loop may have fallen
-    /// behind on readiness events).
-    pub fn rearm(&mut self) {
-        self.drained = false;
-    }
-
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
         self.stream.set_nodelay(on)
     }
@@ -95,6 +81,20 @@ impl crate::conn::Stream for Socket {
     fn shutdown_write(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
+
+    /// A readable event arrived: new bytes (or the end of stream) may be waiting.
+    /// `hung_up` is the event's read-closed or error flag.
+    fn on_readable(&mut self, hung_up: bool) {
+        self.drained = false;
+        self.hung_up |= hung_up;
+    }
+
+    /// Forgets a short read, for a read that must reach the kernel without an edge (the
+    /// sweep's last look before a pong-timeout eviction, when the loop may have fallen
+    /// behind on readiness events).
+    fn rearm(&mut self) {
+        self.drained = false;
+    }
 }
 
 impl mio::event::Source for Socket {
@@ -114,6 +114,7 @@ impl mio::event::Source for Socket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::Stream;
     use std::net::TcpListener;
     use std::time::{Duration, Instant};
 

@@ -12,9 +12,9 @@ use std::collections::HashMap;
 /// A connection, by its slab key.
 pub type ConnKey = usize;
 
-/// One subscriber of a library, as fan-out sees it.
+/// One subscription of a library, as fan-out sees it.
 #[derive(Debug)]
-pub struct Member {
+pub struct Subscriber {
     pub conn: ConnKey,
     /// The user of the token this subscription was made with (user-scoped events are
     /// matched against it, per subscription, not per socket).
@@ -26,7 +26,7 @@ pub struct Member {
 #[derive(Debug)]
 struct Repo {
     id: Box<str>,
-    members: Vec<Member>,
+    subscribers: Vec<Subscriber>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -67,7 +67,7 @@ impl Subs {
             None => {
                 let r = self.repos.insert(Repo {
                     id: repo_id.into(),
-                    members: Vec::new(),
+                    subscribers: Vec::new(),
                 }) as u32;
                 self.ids.insert(repo_id.into(), r);
                 r
@@ -78,7 +78,7 @@ impl Subs {
         };
         if let Some(sub) = cs.subs.iter_mut().find(|s| s.repo == repo) {
             sub.exp = exp;
-            if let Some(m) = rp.members.get_mut(sub.member as usize) {
+            if let Some(m) = rp.subscribers.get_mut(sub.member as usize) {
                 m.user = user.into();
             }
             cs.next_exp = cs.subs.iter().map(|s| s.exp).min().unwrap_or(i64::MAX);
@@ -90,10 +90,10 @@ impl Subs {
         let slot = cs.subs.len() as u32;
         cs.subs.push(Sub {
             repo,
-            member: rp.members.len() as u32,
+            member: rp.subscribers.len() as u32,
             exp,
         });
-        rp.members.push(Member {
+        rp.subscribers.push(Subscriber {
             conn,
             user: user.into(),
             slot,
@@ -164,9 +164,9 @@ impl Subs {
     }
 
     /// The subscribers of a library (empty if none).
-    pub fn members(&self, repo_id: &str) -> &[Member] {
+    pub fn subscribers(&self, repo_id: &str) -> &[Subscriber] {
         match self.ids.get(repo_id).and_then(|&r| self.repos.get(r as usize)) {
-            Some(r) => &r.members,
+            Some(r) => &r.subscribers,
             None => &[],
         }
     }
@@ -219,7 +219,7 @@ impl Subs {
             && let Some(m) = self
                 .repos
                 .get_mut(moved.repo as usize)
-                .and_then(|r| r.members.get_mut(moved.member as usize))
+                .and_then(|r| r.subscribers.get_mut(moved.member as usize))
         {
             m.slot = slot as u32;
         }
@@ -228,10 +228,10 @@ impl Subs {
             return;
         };
         let idx = sub.member as usize;
-        if idx < repo.members.len() {
-            repo.members.swap_remove(idx);
+        if idx < repo.subscribers.len() {
+            repo.subscribers.swap_remove(idx);
             // The member that moved into `idx` must tell its subscription where it now is.
-            if let Some(moved) = repo.members.get(idx)
+            if let Some(moved) = repo.subscribers.get(idx)
                 && let Some(s) = self
                     .conns
                     .get_mut(moved.conn)
@@ -241,7 +241,7 @@ impl Subs {
             }
         }
         self.total -= 1;
-        if repo.members.is_empty() {
+        if repo.subscribers.is_empty() {
             let gone = self.repos.remove(repo_key);
             self.ids.remove(&gone.id);
         }
@@ -252,9 +252,9 @@ impl Subs {
     fn check(&self) {
         let mut n = 0;
         for (rk, repo) in &self.repos {
-            assert!(!repo.members.is_empty());
+            assert!(!repo.subscribers.is_empty());
             assert_eq!(self.ids[&repo.id], rk as u32);
-            for (i, m) in repo.members.iter().enumerate() {
+            for (i, m) in repo.subscribers.iter().enumerate() {
                 let s = self.conns[m.conn].subs[m.slot as usize];
                 assert_eq!((s.repo as usize, s.member as usize), (rk, i));
                 n += 1;
@@ -262,7 +262,7 @@ impl Subs {
         }
         for (c, cs) in self.conns.iter().enumerate() {
             for (i, s) in cs.subs.iter().enumerate() {
-                let m = &self.repos[s.repo as usize].members[s.member as usize];
+                let m = &self.repos[s.repo as usize].subscribers[s.member as usize];
                 assert_eq!((m.conn, m.slot as usize), (c, i));
             }
         }
@@ -276,7 +276,11 @@ mod tests {
     use super::*;
 
     fn users(s: &Subs, repo: &str) -> Vec<(ConnKey, String)> {
-        let mut v: Vec<_> = s.members(repo).iter().map(|m| (m.conn, m.user.to_string())).collect();
+        let mut v: Vec<_> = s
+            .subscribers(repo)
+            .iter()
+            .map(|m| (m.conn, m.user.to_string()))
+            .collect();
         v.sort();
         v
     }
@@ -298,7 +302,7 @@ mod tests {
         s.remove_conn(1);
         s.check();
         assert_eq!((s.repo_count(), s.total()), (0, 0));
-        assert!(s.members("r1").is_empty());
+        assert!(s.subscribers("r1").is_empty());
     }
 
     #[test]

@@ -12,10 +12,11 @@
 //! so that libFuzzer's dictionaries and comparison tracing work on it.
 
 use jsonwebtoken::{Algorithm, EncodingKey};
+use notification_server::app::Ctx;
 use notification_server::auth::{self, Verifier};
 use notification_server::bus::{self, Decoded};
 use notification_server::config::{self, Config};
-use notification_server::conn::{Ctx, HttpConn, HttpStep, HttpTally, Millis, ScriptedStream, Sent, WsConn, WsRead, ms};
+use notification_server::conn::{HttpConn, HttpStep, HttpTally, Listener, Millis, Sent, Stream, WsConn, WsRead, ms};
 use notification_server::event::{self, Event, Parsed};
 use notification_server::http;
 use notification_server::lenient::Object;
@@ -26,6 +27,15 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use tungstenite::Utf8Bytes;
 use tungstenite::protocol::frame::coding::CloseCode;
+
+// The server's scripted test stream, shared by path so there is one copy.
+#[path = "../../src/scripted.rs"]
+mod scripted;
+use scripted::ScriptedStream;
+
+impl Stream for ScriptedStream {
+    fn shutdown_write(&self) {}
+}
 
 /// A target's body: panics when an invariant breaks.
 pub type Target = fn(&[u8]);
@@ -198,22 +208,20 @@ fn run_http(sel: u8, segments: &[&[u8]]) -> HttpOutcome {
     let config = config(sel);
     let verifier = Verifier::new(KEY);
     let (draining, metrics) = (sel & 4 != 0, sel & 8 != 0);
-    let mut conn = HttpConn::new(ScriptedStream::new([]), peer(), 0, &config);
-    conn.metrics = metrics;
+    let mut conn = HttpConn::new(ScriptedStream::new([]), peer(), listener(metrics), 0, &config);
     let mut events = Vec::new();
     let mut tally = HttpTally::default();
     let mut last_step = None;
     for (turn, segment) in segments.iter().map(Some).chain([None]).enumerate() {
         match segment {
-            Some(s) => conn.stream.input.push_back(s.to_vec()),
-            None => conn.stream.eof = true,
+            Some(s) => conn.stream_mut().input.push_back(s.to_vec()),
+            None => conn.stream_mut().eof = true,
         }
         let now = turn as Millis * 10;
-        let step = conn.on_ready(
-            &ctx(&config, &verifier, now, draining, metrics),
-            &mut events,
-            &mut tally,
-        );
+        let turn = conn.on_ready(&ctx(&config, &verifier, now, draining, metrics));
+        events.extend(turn.events);
+        add_tally(&mut tally, turn.tally);
+        let step = turn.step;
         let stop = matches!(step, HttpStep::Close(_) | HttpStep::Upgrade);
         last_step = Some(step);
         if stop {
@@ -224,7 +232,7 @@ fn run_http(sel: u8, segments: &[&[u8]]) -> HttpOutcome {
         check_event(e, None);
     }
     HttpOutcome {
-        output: String::from_utf8_lossy(&remove_all(&conn.stream.output, http::CONTINUE)).into_owned(),
+        output: String::from_utf8_lossy(&remove_all(&conn.stream().output, http::CONTINUE)).into_owned(),
         events,
         last_step,
         requests: tally.requests,
@@ -232,6 +240,19 @@ fn run_http(sel: u8, segments: &[&[u8]]) -> HttpOutcome {
         events_ignored: tally.events_ignored,
         events_invalid: tally.events_invalid,
     }
+}
+
+/// Which listener the connection came from.
+fn listener(metrics: bool) -> Listener {
+    if metrics { Listener::Metrics } else { Listener::Public }
+}
+
+/// Adds one turn's counters to the whole run's.
+fn add_tally(total: &mut HttpTally, turn: HttpTally) {
+    total.requests += turn.requests;
+    total.token_rejections.extend(turn.token_rejections);
+    total.events_ignored += turn.events_ignored;
+    total.events_invalid += turn.events_invalid;
 }
 
 fn remove_all(haystack: &[u8], needle: &[u8]) -> Vec<u8> {
@@ -386,10 +407,7 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
     let final_from = turns.len() - FINAL_TURNS;
 
     // HTTP phase.
-    let mut conn = HttpConn::new(ScriptedStream::new([]), peer(), 0, &config);
-    conn.metrics = metrics;
-    let mut events = Vec::new();
-    let mut tally = HttpTally::default();
+    let mut conn = HttpConn::new(ScriptedStream::new([]), peer(), listener(metrics), 0, &config);
     let mut fed = 0usize;
     let mut turns = turns.into_iter().enumerate();
     let upgraded = loop {
@@ -398,32 +416,29 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
         };
         let now = i as Millis * 10;
         fed += chunk.len();
-        conn.stream.input.push_back(chunk.to_vec());
-        conn.stream.write_room = turn.room;
-        conn.stream.eof |= eof_at_end && i >= final_from;
-        let step = conn.on_ready(
-            &ctx(&config, &verifier, now, draining, metrics),
-            &mut events,
-            &mut tally,
-        );
-        for e in events.drain(..) {
+        let stream = conn.stream_mut();
+        stream.input.push_back(chunk.to_vec());
+        stream.write_room = turn.room;
+        stream.eof |= eof_at_end && i >= final_from;
+        let step = conn.on_ready(&ctx(&config, &verifier, now, draining, metrics));
+        for e in step.events {
             check_event(&e, None);
         }
-        let written = conn.stream.output.len();
+        let written = conn.stream().output.len();
         assert!(
             written <= HTTP_AMPLIFICATION * fed + 1024,
             "{written} bytes written for {fed} bytes read"
         );
-        match step {
-            HttpStep::Wait { wants_write } => {
+        match step.step {
+            HttpStep::Wait => {
                 assert!(
-                    !wants_write || conn.stream.write_room == 0,
+                    !conn.wants_write() || conn.stream().write_room == 0,
                     "waits for WRITABLE with room left"
                 );
             }
             HttpStep::Close(_) => return,
             HttpStep::Upgrade => {
-                let out = &conn.stream.output;
+                let out = &conn.stream().output;
                 let start = find(out, b"HTTP/1.1 101 Switching Protocols\r\n").expect("upgrade without a 101");
                 assert!(
                     out.get(start..).is_some_and(|r| r.ends_with(b"\r\n\r\n")),
@@ -436,7 +451,7 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
 
     // Websocket phase: what `Server::read_ws`, the fan-out and the flush do.
     let mut ws = conn.into_ws(upgraded as Millis * 10, &config);
-    let ws_start = ws.ws.get_ref().output.len();
+    let ws_start = ws.stream().output.len();
     let event_frame = ws_event_frame();
     let big_frame = Utf8Bytes::from("x".repeat(config.max_unsent_bytes / 2));
     // Bytes of the frames we queued ourselves, for the output bound.
@@ -445,7 +460,7 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
         let now = i as Millis * 10;
         let close_by = now + ms(config.close_timeout);
         fed += chunk.len();
-        let stream = ws.ws.get_mut();
+        let stream = ws.stream_mut();
         stream.input.push_back(chunk.to_vec());
         stream.write_room = turn.room;
         stream.eof |= eof_at_end && i >= final_from;
@@ -464,7 +479,7 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
         {
             return;
         }
-        let written = ws.ws.get_ref().output.len() - ws_start;
+        let written = ws.stream().output.len() - ws_start;
         assert!(
             written <= 2 * fed + queued + 1024,
             "{written} websocket bytes written for {fed} bytes read and {queued} queued"
@@ -499,7 +514,7 @@ fn ws_turn(
     let send = |ws: &mut WsConn<ScriptedStream>, msg: &Utf8Bytes, queued: &mut usize| {
         *queued += msg.len() + FRAME_OVERHEAD;
         match ws.send(msg.clone(), now) {
-            Sent::Queued { .. } => Ok(()),
+            Sent::Queued { .. } | Sent::Discarded => Ok(()),
             Sent::Evict(_) => Err(()),
         }
     };

@@ -1,0 +1,562 @@
+//! The reactor: one thread, one mio `Poll` (edge-triggered epoll), the listeners, a
+//! `Slab` of connections keyed by their mio `Token`, accept and its pauses, dispatch of
+//! readiness to connections, the flush queue and the only teardown. It is the one module
+//! that sees more than one connection. What each connection does is `conn`'s, what a
+//! request means is `app`'s, who gets an event is `subscribe`'s, `subs`'s and `gate`'s,
+//! and what the process is told by signals is `control`'s.
+//!
+//! [`Server::run`] is a thin loop: poll, then [`Server::step`] with the readiness events
+//! and the time, which tests drive directly with a fake clock and scripted sockets.
+//! One step:
+//! 1. accept, read, answer HTTP, read websocket messages; an accepted `/events` body has
+//!    its 200 written *before* its fan-out, which only queues the event's one shared frame
+//!    into each subscriber and puts the subscriber on the flush queue;
+//! 2. advance the sweep (`sweep.rs`), which visits every connection's timers once a tick
+//!    (250 ms at most), spread over the tick;
+//! 3. flush queued connections, oldest first, for at most `FLUSH_SLICE` (`flush.rs`);
+//! 4. tear down the connections doomed during the step. Closing only here means a slab
+//!    key is never reused while something later in the same step still refers to it.
+//!
+//! Readiness registration follows state: every connection is registered READABLE, and
+//! WRITABLE only while its output is stuck in the socket; the connection says when that
+//! changes (`interest_change`), so the common case costs no `epoll_ctl`. Staying
+//! registered for WRITABLE would cost an epoll wake-up per connection every time an ACK
+//! frees send-buffer space, i.e. after every ping; `EPOLL_CTL_MOD` reports a socket that
+//! is already writable, so no edge is lost by re-registering late.
+
+mod accept;
+mod deliver;
+mod flush;
+mod sweep;
+#[cfg(test)]
+mod tests;
+
+use crate::app::Ctx;
+use crate::auth::Verifier;
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::conn::{CloseReason, HttpConn, HttpStep, Listener, Millis, Stream, Timers, WsConn, WsRead, ms};
+use crate::control::{Control, DrainEnd, Order, Reloader};
+use crate::gate::Gate;
+use crate::groups::{Backend, Lookups};
+use crate::metrics::{self, Gauges, Stats};
+use crate::subs::Subs;
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tungstenite::protocol::frame::coding::CloseCode;
+
+pub use crate::control::KEY_GRACE_SECONDS;
+use accept::AcceptPause;
+pub use accept::Listen;
+
+const LISTENER: Token = Token(usize::MAX);
+const SIGNALS: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+const METRICS: Token = Token(usize::MAX - 3);
+
+/// Readiness events taken per `poll` call.
+const EVENTS_PER_POLL: usize = 1024;
+
+/// A connection in the slab.
+pub enum Conn<S> {
+    Http(HttpConn<S>),
+    Ws(Box<WsConn<S>>),
+    /// Only while an HTTP connection is being turned into a websocket.
+    Upgrading,
+}
+
+/// One readiness event, as the step takes it (mio's own cannot be built in tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    pub token: Token,
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer closed its side, or the socket errored.
+    pub hung_up: bool,
+}
+
+impl Ready {
+    fn from_event(ev: &mio::event::Event) -> Ready {
+        let hung_up = ev.is_read_closed() || ev.is_error();
+        Ready {
+            token: ev.token(),
+            readable: ev.is_readable() || hung_up,
+            writable: ev.is_writable(),
+            hung_up,
+        }
+    }
+}
+
+/// The time a step runs at: the monotonic clock for timers, the wall clock for tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Milliseconds since the server started.
+    pub mono: Millis,
+    /// Unix seconds (token `exp` and `nbf` are wall-clock times).
+    pub unix: i64,
+}
+
+/// Whether the loop goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Exit,
+}
+
+/// The server. Build it with an already-bound listener (so tests can bind port 0), then
+/// [`Server::run`] it.
+pub struct Server<L: Listen = TcpListener> {
+    poll: Poll,
+    listener: Option<L>,
+    metrics_listener: Option<L>,
+    local_addr: SocketAddr,
+    conns: Slab<Conn<L::Stream>>,
+    accept_pause: Option<AcceptPause>,
+    /// EMFILE/ENFILE was logged; it is logged again only after an accept succeeded.
+    fd_exhaustion_logged: bool,
+    /// Websockets with queued output and when they were queued, oldest first; each step
+    /// flushes from the front for at most `FLUSH_SLICE`.
+    flush_queue: VecDeque<(usize, Millis)>,
+    /// Connections to tear down at the end of the step, with why.
+    doomed: Vec<(usize, CloseReason)>,
+    /// Websockets that stopped reading at `max_messages_per_wakeup` and still have input.
+    unread: Vec<usize>,
+    subs: Subs,
+    gate: Gate,
+    /// The Redis bus to the other instances, if `redis_url` is set.
+    bus: Option<Bus>,
+    /// The group lookup helper, if a group database is configured.
+    lookups: Option<Lookups>,
+    /// Kept alive for the helper threads, which wake the loop through it.
+    _waker: Arc<mio::Waker>,
+    config: Config,
+    timers: Timers,
+    verifier: Verifier,
+    control: Control,
+    start: Instant,
+    sweep: sweep::Sweep,
+    pub stats: Stats,
+}
+
+impl Server<TcpListener> {
+    /// Prepares the reactor around a bound listener.
+    pub fn new(config: Config, listener: std::net::TcpListener, groups: Option<Backend>) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let signals = Control::signals()?;
+        Server::build(
+            config,
+            TcpListener::from_std(listener),
+            local_addr,
+            groups,
+            Some(signals),
+        )
+    }
+
+    /// Serves Prometheus metrics on a second, already-bound listener.
+    pub fn with_metrics(mut self, listener: std::net::TcpListener) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        self.poll
+            .registry()
+            .register(&mut listener, METRICS, Interest::READABLE)?;
+        self.metrics_listener = Some(listener);
+        Ok(self)
+    }
+}
+
+impl<L: Listen> Server<L> {
+    /// The reactor around any listener; `signals` is `None` in loop tests.
+    fn build(
+        config: Config,
+        mut listener: L,
+        local_addr: SocketAddr,
+        groups: Option<Backend>,
+        signals: Option<signal_hook_mio::v1_0::Signals>,
+    ) -> io::Result<Server<L>> {
+        let poll = Poll::new()?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut control = Control::new(signals, groups.clone());
+        if let Some(signals) = control.signals_mut() {
+            poll.registry().register(signals, SIGNALS, Interest::READABLE)?;
+        }
+        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
+        let lookups = match groups {
+            Some(backend) => Some(Lookups::spawn(backend, config.group_lookup_timeout, waker.clone())?),
+            None => {
+                log::warn!(
+                    "no group database configured (ccnet.conf [Database], SEAFILE_MYSQL_DB_* or a groupmgr.db): group-scoped folder permission events will be dropped"
+                );
+                None
+            }
+        };
+        let bus = match &config.redis_url {
+            Some(url) => {
+                let bus = Bus::spawn(url, &config.redis_channel, waker.clone()).map_err(io::Error::other)?;
+                log::info!(
+                    "bus: instance {} shares events on Redis channel {:?}",
+                    bus.instance,
+                    config.redis_channel
+                );
+                Some(bus)
+            }
+            None => None,
+        };
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            metrics_listener: None,
+            local_addr,
+            conns: Slab::with_capacity(64),
+            accept_pause: None,
+            fd_exhaustion_logged: false,
+            flush_queue: VecDeque::new(),
+            doomed: Vec::new(),
+            unread: Vec::new(),
+            subs: Subs::default(),
+            gate: Gate::new(&config, lookups.is_some()),
+            bus,
+            lookups,
+            _waker: waker,
+            timers: Timers::new(&config),
+            verifier: Verifier::new(&config.jwt_private_key),
+            sweep: sweep::Sweep::new(&config),
+            config,
+            control,
+            start: Instant::now(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Lets SIGHUP re-read the configuration with `reloader`.
+    pub fn with_reloader(mut self, reloader: Reloader) -> Server<L> {
+        self.control.set_reloader(reloader);
+        self
+    }
+
+    /// The address actually listened on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            mono: self.start.elapsed().as_millis() as Millis,
+            unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        }
+    }
+
+    /// Runs until a shutdown signal has drained the connections (or its deadline passed),
+    /// or a second signal arrived.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS_PER_POLL);
+        let mut ready = Vec::with_capacity(EVENTS_PER_POLL);
+        self.control.ready();
+        loop {
+            let timeout = self.poll_timeout(self.now().mono);
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            ready.clear();
+            ready.extend(events.iter().map(Ready::from_event));
+            if self.step(&ready, self.now()) == Flow::Exit {
+                return Ok(());
+            }
+        }
+    }
+
+    /// How long the next poll may wait: not at all while output is queued or a
+    /// connection still has unread input from a capped step; else until the sweep's next
+    /// step.
+    fn poll_timeout(&self, now: Millis) -> Duration {
+        if !self.unread.is_empty() || !self.flush_queue.is_empty() {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(self.sweep.wait(now, self.conns.len()))
+        }
+    }
+
+    /// One turn of the loop: acts on `ready`, runs the timers due at `now`, flushes and
+    /// tears down (see the module doc).
+    pub fn step(&mut self, ready: &[Ready], now: Now) -> Flow {
+        let turn_started = Instant::now();
+        for r in ready {
+            match r.token {
+                LISTENER => self.accept(now.mono, Listener::Public),
+                METRICS => self.accept(now.mono, Listener::Metrics),
+                WAKER => {
+                    self.on_lookup_replies(now.mono);
+                    self.on_bus_events(now.mono);
+                }
+                SIGNALS => {
+                    if self.on_signals(now.mono) == Flow::Exit {
+                        return Flow::Exit;
+                    }
+                }
+                Token(key) => self.on_ready(key, r, now),
+            }
+        }
+        for key in std::mem::take(&mut self.unread) {
+            self.read_ws(key, now);
+        }
+        self.sweep_step(now);
+        self.flush_queued(now.mono, turn_started);
+        self.teardown();
+        if self.accept_pause == Some(AcceptPause::AtCapacity) && self.conns.len() < self.config.max_connections {
+            self.accept_pause = None;
+            self.accept(now.mono, Listener::Public);
+            self.flush_queued(now.mono, turn_started);
+            self.teardown();
+        }
+        self.stats.turn(turn_started.elapsed().as_secs_f64());
+        match self.control.drain_end(now.mono, self.conns.len()) {
+            None => Flow::Continue,
+            Some(DrainEnd::Complete) => {
+                log::info!("shutdown complete: every connection closed");
+                Flow::Exit
+            }
+            Some(DrainEnd::Deadline) => {
+                log::warn!(
+                    "shutdown deadline reached; closing {} remaining connection(s)",
+                    self.conns.len()
+                );
+                Flow::Exit
+            }
+        }
+    }
+
+    /// Acts on what `control` makes of the pending signals.
+    fn on_signals(&mut self, now: Millis) -> Flow {
+        for order in self.control.on_signals(now, &self.config) {
+            match order {
+                Order::Exit => return Flow::Exit,
+                Order::Drain => self.begin_drain(now),
+                Order::Apply(config) => self.apply_config(*config),
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Applies a reloaded configuration: log level, limits, timeouts and the key (the
+    /// old key stays valid for [`KEY_GRACE_SECONDS`]). Nothing is disconnected.
+    fn apply_config(&mut self, new: Config) {
+        if new.jwt_private_key != self.config.jwt_private_key {
+            self.verifier
+                .rotate(&new.jwt_private_key, self.now().unix + KEY_GRACE_SECONDS);
+            log::info!("reload: new JWT key in use; the previous one is accepted for {KEY_GRACE_SECONDS} s");
+        }
+        let ws_config = crate::ws::socket_config(&new);
+        for (_, conn) in self.conns.iter_mut() {
+            if let Conn::Ws(w) = conn {
+                w.set_config(ws_config);
+            }
+        }
+        self.timers = Timers::new(&new);
+        self.sweep.configure(&new);
+        self.gate.configure(&new);
+        self.config = new;
+        self.control.reloaded(&self.config);
+    }
+
+    /// Stops accepting, sends Close 1001 to every websocket, closes idle HTTP
+    /// connections and lets busy ones finish, all within `shutdown_timeout`.
+    fn begin_drain(&mut self, now: Millis) {
+        log::info!("shutting down: draining {} connection(s)", self.conns.len());
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let close_by = now + ms(self.config.close_timeout).min(ms(self.config.shutdown_timeout));
+        for (key, conn) in self.conns.iter_mut() {
+            match conn {
+                Conn::Ws(w) => {
+                    w.start_close(CloseCode::Away, "server shutting down", close_by);
+                    if w.mark_queued() {
+                        self.flush_queue.push_back((key, now));
+                    }
+                }
+                Conn::Http(h) if h.is_idle() => self.doomed.push((key, CloseReason::Shutdown)),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_ready(&mut self, key: usize, r: &Ready, now: Now) {
+        match self.conns.get_mut(key) {
+            Some(Conn::Http(h)) => {
+                if r.readable {
+                    h.stream_mut().on_readable(r.hung_up);
+                }
+                self.serve_http(key, now)
+            }
+            Some(Conn::Ws(w)) => {
+                if r.readable {
+                    w.stream_mut().on_readable(r.hung_up);
+                }
+                if r.writable && w.wants_write() {
+                    self.flush_one(key, now.mono);
+                }
+                if r.readable {
+                    self.read_ws(key, now);
+                }
+            }
+            Some(Conn::Upgrading) | None => {}
+        }
+    }
+
+    fn serve_http(&mut self, key: usize, now: Now) {
+        let is_metrics = matches!(self.conns.get(key), Some(Conn::Http(h)) if h.listener() == Listener::Metrics);
+        let metrics_text = is_metrics.then(|| metrics::render(&self.stats, &self.gauges()));
+        let ctx = Ctx {
+            config: &self.config,
+            verifier: &self.verifier,
+            unix_now: now.unix,
+            now: now.mono,
+            draining: self.control.draining(),
+            metrics: metrics_text.as_deref(),
+        };
+        let Some(Conn::Http(h)) = self.conns.get_mut(key) else {
+            return;
+        };
+        let turn = h.on_ready(&ctx);
+        self.stats.http_requests += turn.tally.requests;
+        self.stats.events_ignored += turn.tally.events_ignored;
+        self.stats.events_invalid += turn.tally.events_invalid;
+        for e in turn.tally.token_rejections {
+            self.stats.event_token_rejected(e);
+        }
+        // The 200s are written (or queued behind a full socket); now the fan-out.
+        for ev in turn.events {
+            self.deliver(ev, now.mono);
+        }
+        match turn.step {
+            HttpStep::Wait => self.sync_interest(key),
+            HttpStep::Close(reason) => self.doomed.push((key, reason)),
+            HttpStep::Upgrade => self.upgrade(key, now),
+        }
+    }
+
+    /// What the server holds right now, for a metrics scrape.
+    fn gauges(&self) -> Gauges {
+        let mut g = Gauges {
+            subscriptions: self.subs.total() as u64,
+            repos: self.subs.repo_count() as u64,
+            held_events: self.gate.held() as u64,
+            pending_group_lookups: self.gate.pending() as u64,
+            groups: self.gate.counts,
+            flush_queue: self.flush_queue.len() as u64,
+            accept_paused: self.accept_pause.is_some(),
+            draining: self.control.draining(),
+            group_database: self.lookups.is_some(),
+            resident_bytes: metrics::resident_bytes(),
+            bus: self.bus.as_ref().map(Bus::gauges),
+            ..Gauges::default()
+        };
+        for (_, conn) in &self.conns {
+            match conn {
+                Conn::Http(_) | Conn::Upgrading => g.http_connections += 1,
+                Conn::Ws(w) if w.is_closing() => g.closing_connections += 1,
+                Conn::Ws(_) => g.websocket_connections += 1,
+            }
+        }
+        g
+    }
+
+    fn upgrade(&mut self, key: usize, now: Now) {
+        let Some(slot) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Conn::Http(h) = std::mem::replace(slot, Conn::Upgrading) else {
+            return;
+        };
+        let ws = h.into_ws(now.mono, &self.config);
+        log::debug!("connection {key} from {} is a websocket", ws.client_addr());
+        *slot = Conn::Ws(Box::new(ws));
+        self.sync_interest(key);
+        // Bytes may have come with or after the upgrade request; their edge is spent.
+        self.read_ws(key, now);
+    }
+
+    /// Reads websocket messages up to the per-wake-up budget and acts on them.
+    fn read_ws(&mut self, key: usize, now: Now) {
+        let close_by = now.mono + self.timers.close_timeout;
+        for _ in 0..self.config.max_messages_per_wakeup {
+            let Some(Conn::Ws(w)) = self.conns.get_mut(key) else {
+                return;
+            };
+            match w.read_one(now.mono, close_by) {
+                WsRead::Msg(msg) => self.on_client_msg(key, msg, now),
+                WsRead::Drained => {
+                    self.queue_flush(key, now.mono);
+                    return;
+                }
+                WsRead::Close(reason) => {
+                    self.doomed.push((key, reason));
+                    return;
+                }
+            }
+        }
+        // Budget spent with input possibly left: come back next step without an edge.
+        self.queue_flush(key, now.mono);
+        self.unread.push(key);
+    }
+
+    /// Registers or unregisters interest in WRITABLE, if the connection's state changed
+    /// what it needs (see the module doc).
+    fn sync_interest(&mut self, key: usize) {
+        let registry = self.poll.registry();
+        let result = match self.conns.get_mut(key) {
+            Some(Conn::Http(h)) => match h.interest_change() {
+                Some(interest) => registry.reregister(h.stream_mut(), Token(key), interest),
+                None => Ok(()),
+            },
+            Some(Conn::Ws(w)) => match w.interest_change() {
+                Some(interest) => registry.reregister(w.stream_mut(), Token(key), interest),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            self.doomed.push((key, CloseReason::Io(e.kind())));
+        }
+    }
+
+    /// The only place connections end: unsubscribe, deregister, free the slot, one log line.
+    fn teardown(&mut self) {
+        // In order: when a connection was doomed twice in a step (its peer closed, then an
+        // event found it closed), the first reason is the true one.
+        for (key, reason) in std::mem::take(&mut self.doomed) {
+            let Some(conn) = self.conns.try_remove(key) else {
+                continue;
+            };
+            self.subs.remove_conn(key);
+            let (kind, who) = match conn {
+                Conn::Http(mut h) => {
+                    let _ = self.poll.registry().deregister(h.stream_mut());
+                    ("http", h.peer().to_string())
+                }
+                Conn::Ws(mut w) => {
+                    let _ = self.poll.registry().deregister(w.stream_mut());
+                    ("websocket", w.client_addr())
+                }
+                Conn::Upgrading => ("upgrading", String::new()),
+            };
+            self.stats.closed(reason.label());
+            if reason.is_warning() {
+                log::warn!("closed {kind} connection {key} from {who}: {reason}");
+            } else {
+                log::debug!("closed {kind} connection {key} from {who}: {reason}");
+            }
+        }
+    }
+}
