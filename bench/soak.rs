@@ -1402,7 +1402,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    raise_nofile_limit();
+    // Best effort: the default steady and churn sizes fit in the usual 1024.
+    let _ = raise_nofile_limit();
     let bin = match &o.server_bin {
         Some(b) => b.clone(),
         None => match build_server() {
