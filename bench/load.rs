@@ -94,7 +94,10 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{Fields, Http, Resp, num, parse_flags, parse_listening, raise_nofile_limit, random_key, rss_kb, unix_now};
+use common::{
+    Fields, Http, Resp, RssSettle, num, parse_flags, parse_listening, raise_nofile_limit, random_key, rss_kb,
+    settle_rss, unix_now,
+};
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write as _};
@@ -118,6 +121,12 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 const STALL: Duration = Duration::from_secs(10);
 /// Probes for incomplete repos are re-posted this often.
 const PROBE_REPOST: Duration = Duration::from_millis(500);
+/// RSS after the clients left: unchanged for 2 s, at most 5 s.
+const RSS_SETTLE: RssSettle = RssSettle {
+    every: Duration::from_millis(250),
+    readings: 8,
+    at_most: Duration::from_secs(5),
+};
 
 // ---------------------------------------------------------------------------------
 // Clock
@@ -1226,7 +1235,7 @@ async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Target) -> (Fi
         }
     }
     let rss_after = match pid {
-        Some(pid) => settle_rss(pid).await,
+        Some(pid) => settle_rss(pid, &RSS_SETTLE).await,
         None => None,
     };
 
@@ -1335,20 +1344,6 @@ async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Target) -> (Fi
     out.put("first_errors", json!(errors));
     out.put("loadavg_1m", json!(loadavg_1m()));
     (out, problems)
-}
-
-/// RSS after the clients left: polls until unchanged for 2 s, at most 5 s.
-async fn settle_rss(pid: u32) -> Option<u64> {
-    let until = TInstant::now() + Duration::from_secs(5);
-    let mut last = rss_kb(pid)?;
-    let mut same = 0;
-    while TInstant::now() < until && same < 8 {
-        sleep(Duration::from_millis(250)).await;
-        let v = rss_kb(pid)?;
-        same = if v == last { same + 1 } else { 0 };
-        last = v;
-    }
-    Some(last)
 }
 
 // ---------------------------------------------------------------------------------

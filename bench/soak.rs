@@ -81,8 +81,8 @@
 mod common;
 
 use common::{
-    Fields, HTTP_TIMEOUT, Http, Resp, num, parse_flags, parse_listening, raise_nofile_limit, random_key, rss_kb,
-    unix_now,
+    Fields, HTTP_TIMEOUT, Http, Resp, RssSettle, num, parse_flags, parse_listening, raise_nofile_limit, random_key,
+    rss_kb, settle_rss, unix_now,
 };
 use std::collections::{HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -117,6 +117,13 @@ const QUIESCE_DEADLINE: Duration = Duration::from_secs(30);
 const STEADY_REPOS: usize = 3;
 /// Allowed |RSS drift|.
 const MAX_DRIFT_KB: i64 = 1024;
+/// RSS once it stopped moving: two equal consecutive readings 200 ms apart, or the last
+/// reading after 3 s.
+const RSS_SETTLE: RssSettle = RssSettle {
+    every: Duration::from_millis(200),
+    readings: 1,
+    at_most: Duration::from_secs(3),
+};
 
 // ---------------------------------------------------------------------------------
 // Options
@@ -182,23 +189,7 @@ fn parse_args() -> Result<Opts, String> {
 }
 
 // ---------------------------------------------------------------------------------
-// Small helpers (the ones bench/load.rs also uses are in bench/common)
-
-/// RSS once it stopped moving: two equal consecutive readings 200 ms apart, or the last
-/// reading after 3 s.
-async fn settle_rss(pid: u32) -> Option<u64> {
-    let until = TInstant::now() + Duration::from_secs(3);
-    let mut last = rss_kb(pid)?;
-    while TInstant::now() < until {
-        sleep(Duration::from_millis(200)).await;
-        let v = rss_kb(pid)?;
-        if v == last {
-            break;
-        }
-        last = v;
-    }
-    Some(last)
-}
+// Small helpers (the ones the other benches also use are in bench/common)
 
 fn sign(key: &str, claims: &Value) -> String {
     let key = jsonwebtoken::EncodingKey::from_secret(key.as_bytes());
@@ -1250,7 +1241,7 @@ async fn run(o: &Opts, addr: SocketAddr, pid: u32, key: &str) -> (Fields, Vec<St
     if !wait_for(pause_start + QUIESCE_DEADLINE, || sh.paused.load(Relaxed) >= o.churners).await {
         problems.push("churners did not pause in time for the warm-up reading".into());
     }
-    let rss_warm = settle_rss(pid).await;
+    let rss_warm = settle_rss(pid, &RSS_SETTLE).await;
     let pause = pause_start.elapsed();
     let conns_at_warm = sh.next_conn.load(Relaxed);
     eprintln!("[soak] warm-up: {conns_at_warm} churn connections, RSS {rss_warm:?} KiB");
@@ -1297,7 +1288,7 @@ async fn run(o: &Opts, addr: SocketAddr, pid: u32, key: &str) -> (Fields, Vec<St
             sh.delivered.load(Relaxed)
         ));
     }
-    let rss_end = settle_rss(pid).await;
+    let rss_end = settle_rss(pid, &RSS_SETTLE).await;
     let _ = steady_stop.send(true);
     let mut reports = Vec::new();
     let join_deadline = TInstant::now() + Duration::from_secs(10);

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::time::{Instant as TInstant, sleep, timeout};
 
 /// Walks the command line: `--flag value` or `--flag=value`, skipping the `--bench` that
 /// `cargo bench` passes to harness-less benches; `-h`/`--help` prints `usage` and exits.
@@ -68,6 +68,32 @@ pub fn rss_kb(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How [`settle_rss`] decides that the RSS stopped moving.
+pub struct RssSettle {
+    /// Time between two readings.
+    pub every: Duration,
+    /// Consecutive readings equal to the one before them that count as settled.
+    pub readings: u32,
+    /// Give up and return the last reading after this long.
+    pub at_most: Duration,
+}
+
+/// The server's RSS once it stopped moving (after the clients left, memory freed on
+/// their close may take a moment to be returned): read every `s.every` until
+/// `s.readings` consecutive readings equal the one before, or `s.at_most` passed.
+pub async fn settle_rss(pid: u32, s: &RssSettle) -> Option<u64> {
+    let until = TInstant::now() + s.at_most;
+    let mut last = rss_kb(pid)?;
+    let mut same = 0;
+    while TInstant::now() < until && same < s.readings {
+        sleep(s.every).await;
+        let v = rss_kb(pid)?;
+        same = if v == last { same + 1 } else { 0 };
+        last = v;
+    }
+    Some(last)
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit (a server we spawn inherits it);
