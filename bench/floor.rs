@@ -100,7 +100,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::parse_flags;
+use common::{parse_flags, raise_nofile_limit};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -199,24 +199,6 @@ fn thread_rusage_us() -> (u64, u64) {
     }
     let us = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000 + tv.tv_usec as u64;
     (us(ru.ru_utime), us(ru.ru_stime))
-}
-
-/// Raises the soft fd limit to the hard limit; returns the new soft limit.
-fn raise_nofile_limit() -> io::Result<u64> {
-    // SAFETY: all-zero is a valid `rlimit`.
-    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: `lim` is a valid, writable rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: `lim` is a valid rlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(lim.rlim_cur)
 }
 
 /// 1, 5 and 15 minute load averages from /proc/loadavg.

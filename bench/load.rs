@@ -94,15 +94,16 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{Fields, Http, Resp, num, parse_flags, parse_listening, raise_nofile_limit, random_key, rss_kb, unix_now};
-use std::collections::VecDeque;
+use common::{
+    Fields, FindAddr, Http, Resp, RssSettle, ServerProcess, ServerSpec, num, parse_flags, raise_nofile_limit,
+    random_key, rss_kb, settle_rss, unix_now,
+};
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write as _};
+use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -118,6 +119,12 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 const STALL: Duration = Duration::from_secs(10);
 /// Probes for incomplete repos are re-posted this often.
 const PROBE_REPOST: Duration = Duration::from_millis(500);
+/// RSS after the clients left: unchanged for 2 s, at most 5 s.
+const RSS_SETTLE: RssSettle = RssSettle {
+    every: Duration::from_millis(250),
+    readings: 8,
+    at_most: Duration::from_secs(5),
+};
 
 // ---------------------------------------------------------------------------------
 // Clock
@@ -438,120 +445,25 @@ fn self_cpu_ns() -> u64 {
 // ---------------------------------------------------------------------------------
 // Server process
 
-#[derive(Default)]
-struct LogStats {
-    errors: AtomicUsize,
-    warnings: AtomicUsize,
-    tail: Mutex<VecDeque<String>>,
-}
-
-struct ServerProcess {
-    child: Child,
-    dir: PathBuf,
-    log: Arc<LogStats>,
-    drain: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ServerProcess {
-    fn start(bin: &PathBuf, o: &Opts, key: &str, n: usize) -> Result<(ServerProcess, SocketAddr), String> {
-        let dir = std::env::temp_dir().join(format!("nsbench-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        let mut conf = format!(
-            "[notification]\nhost = 127.0.0.1\nport = 0\nlog_level = {}\njwt_private_key = {key}\nmax_connections = {}\n",
-            o.log_level, o.max_connections
-        );
-        if let Some(every) = o.ping_interval {
-            conf.push_str(&format!("ping_interval = {every}\n"));
-        }
-        if let Some(timeout) = o.pong_timeout {
-            conf.push_str(&format!("pong_timeout = {timeout}\n"));
-        }
-        std::fs::write(dir.join("seafile.conf"), conf).map_err(|e| format!("write config: {e}"))?;
-        let mut child = Command::new(bin)
-            .arg("-c")
-            .arg(&dir)
-            .args(["-l", "-"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(LogStats::default());
-        let (tx, rx) = mpsc::channel::<SocketAddr>();
-        let log_path = dir.join("server.log");
-        // Drain stderr for the whole life of the server so the pipe never fills up.
-        let drain = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut file = std::fs::File::create(log_path).ok();
-                let mut tx = Some(tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(f) = file.as_mut() {
-                        let _ = writeln!(f, "{line}");
-                    }
-                    if line.contains("ERROR") || line.contains("panicked") {
-                        log.errors.fetch_add(1, Relaxed);
-                    } else if line.contains("WARN") {
-                        log.warnings.fetch_add(1, Relaxed);
-                    }
-                    if let Some(addr) = parse_listening(&line)
-                        && let Some(tx) = tx.take()
-                    {
-                        let _ = tx.send(addr);
-                    }
-                    let mut tail = log.tail.lock().unwrap();
-                    if tail.len() == 20 {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line);
-                }
-            })
-        };
-        let mut sp = ServerProcess {
-            child,
-            dir,
-            log,
-            drain: Some(drain),
-        };
-        match rx.recv_timeout(o.deadline.min(Duration::from_secs(30))) {
-            Ok(addr) => Ok((sp, addr)),
-            Err(_) => {
-                let status = sp.child.try_wait().ok().flatten();
-                sp.stop();
-                let tail: Vec<String> = sp.log.tail.lock().unwrap().iter().cloned().collect();
-                Err(format!(
-                    "server did not log `listening on ADDR` (exit status {status:?}); last log lines:\n{}",
-                    tail.join("\n")
-                ))
-            }
-        }
+/// Starts the server for scenario number `n` with a config built from the options.
+fn start_server(bin: &Path, o: &Opts, key: &str, n: usize) -> Result<ServerProcess, String> {
+    let mut conf = format!(
+        "[notification]\nhost = 127.0.0.1\nport = 0\nlog_level = {}\njwt_private_key = {key}\nmax_connections = {}\n",
+        o.log_level, o.max_connections
+    );
+    if let Some(every) = o.ping_interval {
+        conf.push_str(&format!("ping_interval = {every}\n"));
     }
-
-    /// SIGTERM, then SIGKILL after 2 s; waits for the stderr drain thread.
-    fn stop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-            let until = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < until && self.child.try_wait().ok().flatten().is_none() {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        if let Some(h) = self.drain.take() {
-            let _ = h.join();
-        }
+    if let Some(timeout) = o.pong_timeout {
+        conf.push_str(&format!("pong_timeout = {timeout}\n"));
     }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    ServerProcess::start(ServerSpec {
+        files: vec![("seafile.conf".into(), conf)],
+        log_copy: Some("server.log".into()),
+        find_addr: FindAddr::LogLine,
+        start_timeout: o.deadline.min(Duration::from_secs(30)),
+        ..ServerSpec::new(bin, format!("nsbench-{}-{n}", std::process::id()))
+    })
 }
 
 /// The server under test: either one we started or an external one.
@@ -1226,7 +1138,7 @@ async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Target) -> (Fi
         }
     }
     let rss_after = match pid {
-        Some(pid) => settle_rss(pid).await,
+        Some(pid) => settle_rss(pid, &RSS_SETTLE).await,
         None => None,
     };
 
@@ -1337,20 +1249,6 @@ async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Target) -> (Fi
     (out, problems)
 }
 
-/// RSS after the clients left: polls until unchanged for 2 s, at most 5 s.
-async fn settle_rss(pid: u32) -> Option<u64> {
-    let until = TInstant::now() + Duration::from_secs(5);
-    let mut last = rss_kb(pid)?;
-    let mut same = 0;
-    while TInstant::now() < until && same < 8 {
-        sleep(Duration::from_millis(250)).await;
-        let v = rss_kb(pid)?;
-        same = if v == last { same + 1 } else { 0 };
-        last = v;
-    }
-    Some(last)
-}
-
 // ---------------------------------------------------------------------------------
 
 fn main() {
@@ -1362,7 +1260,8 @@ fn main() {
         }
     };
     let _ = now_ns(); // capture the clock base
-    let nofile = raise_nofile_limit();
+    // Only for the warning below; 1024 is the usual soft limit.
+    let nofile = raise_nofile_limit().unwrap_or(1024);
     let names: Vec<String> = if o.scenario == "all" {
         ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect()
     } else {
@@ -1409,16 +1308,17 @@ fn main() {
             },
             (None, Some(bin)) => {
                 let key = random_key();
-                match ServerProcess::start(bin, &o, &key, idx) {
-                    Ok((sp, addr)) => {
+                match start_server(bin, &o, &key, idx) {
+                    Ok(sp) => {
                         eprintln!(
-                            "[load] server {} pid {} listening on {addr}",
+                            "[load] server {} pid {} listening on {}",
                             bin.display(),
-                            sp.child.id()
+                            sp.pid(),
+                            sp.addr
                         );
                         Target {
-                            addr,
-                            pid: Some(sp.child.id()),
+                            addr: sp.addr,
+                            pid: Some(sp.pid()),
                             key,
                             server: Some(sp),
                         }
@@ -1433,15 +1333,14 @@ fn main() {
         };
         let (mut out, mut problems) = rt.block_on(run_scenario(idx, plan, &o, &target));
         if let Some(sp) = target.server.as_mut() {
-            if let Ok(Some(status)) = sp.child.try_wait() {
+            if let Some(status) = sp.exited() {
                 problems.push(format!("server exited during the run: {status}"));
             }
             sp.stop();
             out.put("server_log_errors", sp.log.errors.load(Relaxed));
             out.put("server_log_warnings", sp.log.warnings.load(Relaxed));
             if !problems.is_empty() {
-                let tail: Vec<String> = sp.log.tail.lock().unwrap().iter().cloned().collect();
-                eprintln!("[load]   server log tail:\n{}", tail.join("\n"));
+                eprintln!("[load]   server log tail:\n{}", sp.log.tail_text());
             }
         }
         drop(target);

@@ -81,18 +81,18 @@
 mod common;
 
 use common::{
-    Fields, HTTP_TIMEOUT, Http, Resp, num, parse_flags, parse_listening, raise_nofile_limit, random_key, rss_kb,
-    unix_now,
+    Fields, FindAddr, HTTP_TIMEOUT, Http, Resp, RssSettle, ServerProcess, ServerSpec, num, parse_flags,
+    raise_nofile_limit, random_key, rss_kb, settle_rss, unix_now,
 };
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write as _};
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -117,6 +117,13 @@ const QUIESCE_DEADLINE: Duration = Duration::from_secs(30);
 const STEADY_REPOS: usize = 3;
 /// Allowed |RSS drift|.
 const MAX_DRIFT_KB: i64 = 1024;
+/// RSS once it stopped moving: two equal consecutive readings 200 ms apart, or the last
+/// reading after 3 s.
+const RSS_SETTLE: RssSettle = RssSettle {
+    every: Duration::from_millis(200),
+    readings: 1,
+    at_most: Duration::from_secs(3),
+};
 
 // ---------------------------------------------------------------------------------
 // Options
@@ -182,23 +189,7 @@ fn parse_args() -> Result<Opts, String> {
 }
 
 // ---------------------------------------------------------------------------------
-// Small helpers (the ones bench/load.rs also uses are in bench/common)
-
-/// RSS once it stopped moving: two equal consecutive readings 200 ms apart, or the last
-/// reading after 3 s.
-async fn settle_rss(pid: u32) -> Option<u64> {
-    let until = TInstant::now() + Duration::from_secs(3);
-    let mut last = rss_kb(pid)?;
-    while TInstant::now() < until {
-        sleep(Duration::from_millis(200)).await;
-        let v = rss_kb(pid)?;
-        if v == last {
-            break;
-        }
-        last = v;
-    }
-    Some(last)
-}
+// Small helpers (the ones the other benches also use are in bench/common)
 
 fn sign(key: &str, claims: &Value) -> String {
     let key = jsonwebtoken::EncodingKey::from_secret(key.as_bytes());
@@ -224,158 +215,16 @@ impl Rng {
 // ---------------------------------------------------------------------------------
 // Server process
 
-#[derive(Default)]
-struct LogStats {
-    errors: AtomicUsize,
-    warnings: AtomicUsize,
-    /// The first few warning and error lines, for the report.
-    first: Mutex<Vec<String>>,
-    tail: Mutex<VecDeque<String>>,
-}
-
-struct ServerProcess {
-    child: Child,
-    dir: PathBuf,
-    log: Arc<LogStats>,
-    drain: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ServerProcess {
-    fn start(bin: &PathBuf, log_level: &str, key: &str) -> Result<(ServerProcess, SocketAddr), String> {
-        let dir = std::env::temp_dir().join(format!("nssoak-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        let conf =
-            format!("[notification]\nhost = 127.0.0.1\nport = 0\nlog_level = {log_level}\njwt_private_key = {key}\n");
-        std::fs::write(dir.join("seafile.conf"), conf).map_err(|e| format!("write config: {e}"))?;
-        let mut child = Command::new(bin)
-            .arg("-c")
-            .arg(&dir)
-            .args(["-l", "-"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(LogStats::default());
-        let (tx, rx) = mpsc::channel::<SocketAddr>();
-        // Drain stderr for the whole life of the server so the pipe never fills up.
-        let drain = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut tx = Some(tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    let counter = if line.contains("ERROR") || line.contains("panicked") {
-                        Some(&log.errors)
-                    } else if line.contains("WARN") {
-                        Some(&log.warnings)
-                    } else {
-                        None
-                    };
-                    if let Some(c) = counter {
-                        c.fetch_add(1, Relaxed);
-                        let mut first = log.first.lock().unwrap();
-                        if first.len() < 5 {
-                            first.push(line.clone());
-                        }
-                    }
-                    if let Some(addr) = parse_listening(&line)
-                        && let Some(tx) = tx.take()
-                    {
-                        let _ = tx.send(addr);
-                    }
-                    let mut tail = log.tail.lock().unwrap();
-                    if tail.len() == 20 {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line);
-                }
-            })
-        };
-        let mut sp = ServerProcess {
-            child,
-            dir,
-            log,
-            drain: Some(drain),
-        };
-        // The log line is below `warn`; /proc tells the port as soon as the server has
-        // bound it (connections made before its loop runs wait in the listen backlog).
-        let until = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < until {
-            if let Ok(addr) = rx.try_recv() {
-                return Ok((sp, addr));
-            }
-            if let Some(addr) = listening_addr(sp.child.id()) {
-                return Ok((sp, addr));
-            }
-            if sp.child.try_wait().ok().flatten().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let status = sp.child.try_wait().ok().flatten();
-        sp.stop();
-        let tail: Vec<String> = sp.log.tail.lock().unwrap().iter().cloned().collect();
-        Err(format!(
-            "server is not listening (exit status {status:?}); last log lines:\n{}",
-            tail.join("\n")
-        ))
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM, then SIGKILL after 2 s; waits for the stderr drain thread.
-    fn stop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-            let until = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < until && self.child.try_wait().ok().flatten().is_none() {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        if let Some(h) = self.drain.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The IPv4 address a process listens on: its socket inodes (/proc/PID/fd) matched
-/// against the LISTEN entries of /proc/PID/net/tcp.
-fn listening_addr(pid: u32) -> Option<SocketAddr> {
-    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .ok()?
-        .flatten()
-        .filter_map(|e| {
-            let link = std::fs::read_link(e.path()).ok()?;
-            let s = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
-            Some(s.to_string())
-        })
-        .collect();
-    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
-    table.lines().skip(1).find_map(|line| {
-        // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 10 || f[3] != "0A" || !inodes.contains(f[9]) {
-            return None;
-        }
-        let (ip, port) = f[1].split_once(':')?;
-        // The address is the raw network-order word printed as a native integer.
-        let ip = Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes());
-        let port = u16::from_str_radix(port, 16).ok()?;
-        Some(SocketAddr::new(ip.into(), port))
+/// Starts the server with a temporary config dir; at `warn` it does not log its
+/// `listening on ADDR` line, so the port is also looked for in /proc.
+fn start_server(bin: &Path, log_level: &str, key: &str) -> Result<ServerProcess, String> {
+    let conf =
+        format!("[notification]\nhost = 127.0.0.1\nport = 0\nlog_level = {log_level}\njwt_private_key = {key}\n");
+    ServerProcess::start(ServerSpec {
+        files: vec![("seafile.conf".into(), conf)],
+        find_addr: FindAddr::LogLineOrProc,
+        start_timeout: Duration::from_secs(30),
+        ..ServerSpec::new(bin, format!("nssoak-{}", std::process::id()))
     })
 }
 
@@ -412,9 +261,6 @@ fn build_server() -> Result<PathBuf, String> {
         Err("built binary not found".into())
     }
 }
-
-// ---------------------------------------------------------------------------------
-// Minimal keep-alive HTTP/1.1 client (from bench/load.rs)
 
 // ---------------------------------------------------------------------------------
 // Shared run state
@@ -1250,7 +1096,7 @@ async fn run(o: &Opts, addr: SocketAddr, pid: u32, key: &str) -> (Fields, Vec<St
     if !wait_for(pause_start + QUIESCE_DEADLINE, || sh.paused.load(Relaxed) >= o.churners).await {
         problems.push("churners did not pause in time for the warm-up reading".into());
     }
-    let rss_warm = settle_rss(pid).await;
+    let rss_warm = settle_rss(pid, &RSS_SETTLE).await;
     let pause = pause_start.elapsed();
     let conns_at_warm = sh.next_conn.load(Relaxed);
     eprintln!("[soak] warm-up: {conns_at_warm} churn connections, RSS {rss_warm:?} KiB");
@@ -1297,7 +1143,7 @@ async fn run(o: &Opts, addr: SocketAddr, pid: u32, key: &str) -> (Fields, Vec<St
             sh.delivered.load(Relaxed)
         ));
     }
-    let rss_end = settle_rss(pid).await;
+    let rss_end = settle_rss(pid, &RSS_SETTLE).await;
     let _ = steady_stop.send(true);
     let mut reports = Vec::new();
     let join_deadline = TInstant::now() + Duration::from_secs(10);
@@ -1402,7 +1248,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    raise_nofile_limit();
+    // Best effort: the default steady and churn sizes fit in the usual 1024.
+    let _ = raise_nofile_limit();
     let bin = match &o.server_bin {
         Some(b) => b.clone(),
         None => match build_server() {
@@ -1414,7 +1261,7 @@ fn main() {
         },
     };
     let key = random_key();
-    let (mut server, addr) = match ServerProcess::start(&bin, &o.log_level, &key) {
+    let mut server = match start_server(&bin, &o.log_level, &key) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("[soak] {e}");
@@ -1425,19 +1272,18 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let (mut out, mut problems) = rt.block_on(run(&o, addr, server.pid(), &key));
-    if let Ok(Some(status)) = server.child.try_wait() {
+    let (mut out, mut problems) = rt.block_on(run(&o, server.addr, server.pid(), &key));
+    if let Some(status) = server.exited() {
         problems.push(format!("server exited during the run: {status}"));
     }
     server.stop();
     out.put("server_log_warnings", server.log.warnings.load(Relaxed));
     out.put("server_log_errors", server.log.errors.load(Relaxed));
-    out.put("server_log_first", server.log.first.lock().unwrap().clone());
+    out.put("server_log_first", server.log.first_lines());
     if !problems.is_empty() {
-        let tail: Vec<String> = server.log.tail.lock().unwrap().iter().cloned().collect();
         eprintln!(
             "[soak] problems: {problems:?}\n[soak] server log tail:\n{}",
-            tail.join("\n")
+            server.log.tail_text()
         );
     }
     out.put("problems", &problems);

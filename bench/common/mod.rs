@@ -1,19 +1,26 @@
 //! What the benchmark programs share: the command-line walker, process and system
-//! readings, the result line, and a minimal keep-alive HTTP/1.1 client. Each bench is a
+//! readings, the server under test (started with a temporary config dir, its log
+//! counted), the result line, and a minimal keep-alive HTTP/1.1 client. Each bench is a
 //! separate program (`harness = false`) and includes this file with
 //! `#[path = "common/mod.rs"] mod common;`, so a piece one program does not use is not
 //! dead code in the others.
 #![allow(dead_code)]
 
 use std::collections::hash_map::RandomState;
+use std::collections::{HashSet, VecDeque};
+use std::ffi::OsString;
 use std::hash::BuildHasher;
-use std::io::Write as _;
+use std::io::{self, BufRead, BufReader, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::time::{Instant as TInstant, sleep, timeout};
 
 /// Walks the command line: `--flag value` or `--flag=value`, skipping the `--bench` that
 /// `cargo bench` passes to harness-less benches; `-h`/`--help` prints `usage` and exits.
@@ -70,28 +77,49 @@ pub fn rss_kb(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit (inherited by the server we spawn).
-pub fn raise_nofile_limit() -> u64 {
-    // SAFETY: plain libc calls on a local struct.
-    unsafe {
-        let mut rl = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
-            return 1024;
-        }
-        if rl.rlim_cur < rl.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: rl.rlim_max,
-                rlim_max: rl.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                rl.rlim_cur = rl.rlim_max;
-            }
-        }
-        rl.rlim_cur
+/// How [`settle_rss`] decides that the RSS stopped moving.
+pub struct RssSettle {
+    /// Time between two readings.
+    pub every: Duration,
+    /// Consecutive readings equal to the one before them that count as settled.
+    pub readings: u32,
+    /// Give up and return the last reading after this long.
+    pub at_most: Duration,
+}
+
+/// The server's RSS once it stopped moving (after the clients left, memory freed on
+/// their close may take a moment to be returned): read every `s.every` until
+/// `s.readings` consecutive readings equal the one before, or `s.at_most` passed.
+pub async fn settle_rss(pid: u32, s: &RssSettle) -> Option<u64> {
+    let until = TInstant::now() + s.at_most;
+    let mut last = rss_kb(pid)?;
+    let mut same = 0;
+    while TInstant::now() < until && same < s.readings {
+        sleep(s.every).await;
+        let v = rss_kb(pid)?;
+        same = if v == last { same + 1 } else { 0 };
+        last = v;
     }
+    Some(last)
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (a server we spawn inherits it);
+/// returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    // SAFETY: all-zero is a valid `rlimit`.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
 }
 
 pub fn random_key() -> String {
@@ -113,6 +141,291 @@ pub fn parse_listening(line: &str) -> Option<SocketAddr> {
     }
     Some(addr)
 }
+
+// ---------------------------------------------------------------------------------
+// The server under test, started by a bench
+
+/// Lines of the server's log kept for a failure report.
+const LOG_TAIL_LINES: usize = 20;
+/// Warning and error lines kept for the result line.
+const LOG_FIRST_LINES: usize = 5;
+/// How often a start that looks into /proc checks whether the server is listening.
+const START_POLL: Duration = Duration::from_millis(20);
+/// How long [`ServerProcess::stop`] waits after SIGTERM before it sends SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// What the server logged, counted while it runs (its stderr is read line by line).
+#[derive(Default)]
+pub struct LogStats {
+    /// Lines with `ERROR`, or a panic message.
+    pub errors: AtomicUsize,
+    /// Lines with `WARN`.
+    pub warnings: AtomicUsize,
+    /// The first few warning and error lines, for the report.
+    pub first: Mutex<Vec<String>>,
+    /// The last lines, for the report of a failed run.
+    pub tail: Mutex<VecDeque<String>>,
+}
+
+impl LogStats {
+    fn note(&self, line: &str) {
+        let counter = if line.contains("ERROR") || line.contains("panicked") {
+            Some(&self.errors)
+        } else if line.contains("WARN") {
+            Some(&self.warnings)
+        } else {
+            None
+        };
+        if let Some(c) = counter {
+            c.fetch_add(1, Relaxed);
+            let mut first = self.first.lock().unwrap();
+            if first.len() < LOG_FIRST_LINES {
+                first.push(line.to_string());
+            }
+        }
+        let mut tail = self.tail.lock().unwrap();
+        if tail.len() == LOG_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.to_string());
+    }
+
+    pub fn first_lines(&self) -> Vec<String> {
+        self.first.lock().unwrap().clone()
+    }
+
+    /// The last lines of the log, one per line.
+    pub fn tail_text(&self) -> String {
+        let tail: Vec<String> = self.tail.lock().unwrap().iter().cloned().collect();
+        tail.join("\n")
+    }
+}
+
+/// See [`ServerSpec::on_log_line`].
+pub type LogLineHook = Box<dyn FnMut(&str) + Send>;
+
+/// How [`ServerProcess::start`] learns the address of a server told to use port 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FindAddr {
+    /// The `listening on ADDR` log line (logged at `info`).
+    LogLine,
+    /// That line, or the process's listening socket in /proc as soon as it is bound (at
+    /// `warn` and above the server does not log the line).
+    LogLineOrProc,
+}
+
+/// How to start a server: the config dir, the command line and where to look for its
+/// address.  The caller writes the config text; [`ServerSpec::new`] gives the rest
+/// defaults.
+pub struct ServerSpec {
+    pub bin: PathBuf,
+    /// Name of the config dir, made under the system's temp dir (`-c DIR`) and removed
+    /// when the [`ServerProcess`] is dropped.
+    pub dir_name: String,
+    /// Files written into that dir before the start: (file name, text), e.g. the
+    /// `seafile.conf`.
+    pub files: Vec<(String, String)>,
+    /// Arguments after `-c DIR -l -` (the log goes to stderr, which is read).
+    pub args: Vec<OsString>,
+    /// Environment variables set for the server (on top of this program's).
+    pub env: Vec<(OsString, OsString)>,
+    /// Where the server's stdout goes (default: nowhere).
+    pub stdout: Stdio,
+    /// A file in the dir that gets a copy of every log line.
+    pub log_copy: Option<String>,
+    /// Called with every log line as it is read (on the thread that drains stderr),
+    /// e.g. to wait for a particular line.
+    pub on_log_line: Option<LogLineHook>,
+    pub find_addr: FindAddr,
+    /// How long the server may take to listen.
+    pub start_timeout: Duration,
+}
+
+impl ServerSpec {
+    pub fn new(bin: impl Into<PathBuf>, dir_name: impl Into<String>) -> ServerSpec {
+        ServerSpec {
+            bin: bin.into(),
+            dir_name: dir_name.into(),
+            files: Vec::new(),
+            args: Vec::new(),
+            env: Vec::new(),
+            stdout: Stdio::null(),
+            log_copy: None,
+            on_log_line: None,
+            find_addr: FindAddr::LogLine,
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A server this program started; stopped (SIGTERM, then SIGKILL) and its config dir
+/// removed when dropped.
+pub struct ServerProcess {
+    pub child: Child,
+    pub dir: PathBuf,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    pub log: Arc<LogStats>,
+    drain: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerProcess {
+    /// Writes the config dir, starts the server and waits until it listens.
+    pub fn start(spec: ServerSpec) -> Result<ServerProcess, String> {
+        let dir = std::env::temp_dir().join(&spec.dir_name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        for (name, text) in &spec.files {
+            std::fs::write(dir.join(name), text).map_err(|e| format!("write {name}: {e}"))?;
+        }
+        let mut child = Command::new(&spec.bin)
+            .arg("-c")
+            .arg(&dir)
+            .args(["-l", "-"])
+            .args(&spec.args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(spec.stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", spec.bin.display()))?;
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(LogStats::default());
+        let (tx, rx) = mpsc::channel::<SocketAddr>();
+        let log_copy = spec.log_copy.as_ref().map(|name| dir.join(name));
+        let mut on_line = spec.on_log_line;
+        // Drain stderr for the whole life of the server so the pipe never fills up.
+        let drain = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut file = log_copy.and_then(|path| std::fs::File::create(path).ok());
+                let mut tx = Some(tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(f) = file.as_mut() {
+                        let _ = writeln!(f, "{line}");
+                    }
+                    if let Some(addr) = parse_listening(&line)
+                        && let Some(tx) = tx.take()
+                    {
+                        let _ = tx.send(addr);
+                    }
+                    if let Some(f) = on_line.as_mut() {
+                        f(&line);
+                    }
+                    log.note(&line);
+                }
+            })
+        };
+        let mut sp = ServerProcess {
+            child,
+            dir,
+            addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            log,
+            drain: Some(drain),
+        };
+        let found = match spec.find_addr {
+            FindAddr::LogLine => rx.recv_timeout(spec.start_timeout).ok(),
+            FindAddr::LogLineOrProc => sp.poll_listening(&rx, spec.start_timeout),
+        };
+        if let Some(addr) = found {
+            sp.addr = addr;
+            return Ok(sp);
+        }
+        let status = sp.exited();
+        sp.stop();
+        let what = match spec.find_addr {
+            FindAddr::LogLine => "server did not log `listening on ADDR`",
+            FindAddr::LogLineOrProc => "server is not listening",
+        };
+        Err(format!(
+            "{what} (exit status {status:?}); last log lines:\n{}",
+            sp.log.tail_text()
+        ))
+    }
+
+    /// The log line or /proc, whichever tells the address first; /proc has it as soon
+    /// as the server has bound its socket (connections made before its loop runs wait
+    /// in the listen backlog).  None if the server exits or `wait` passes first.
+    fn poll_listening(&mut self, log_line: &mpsc::Receiver<SocketAddr>, wait: Duration) -> Option<SocketAddr> {
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if let Ok(addr) = log_line.try_recv() {
+                return Some(addr);
+            }
+            if let Some(addr) = listening_addr(self.pid()) {
+                return Some(addr);
+            }
+            if self.exited().is_some() {
+                break;
+            }
+            std::thread::sleep(START_POLL);
+        }
+        None
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status if the server has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, then SIGKILL after [`STOP_GRACE`]; waits for the stderr drain thread.
+    pub fn stop(&mut self) {
+        if self.exited().is_none() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            let until = Instant::now() + STOP_GRACE;
+            while Instant::now() < until && self.exited().is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        if let Some(h) = self.drain.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The IPv4 address a process listens on: its socket inodes (/proc/PID/fd) matched
+/// against the LISTEN entries of /proc/PID/net/tcp.
+pub fn listening_addr(pid: u32) -> Option<SocketAddr> {
+    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let link = std::fs::read_link(e.path()).ok()?;
+            let s = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+            Some(s.to_string())
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    table.lines().skip(1).find_map(|line| {
+        // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 || f[3] != "0A" || !inodes.contains(f[9]) {
+            return None;
+        }
+        let (ip, port) = f[1].split_once(':')?;
+        // The address is the raw network-order word printed as a native integer.
+        let ip = Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes());
+        let port = u16::from_str_radix(port, 16).ok()?;
+        Some(SocketAddr::new(ip.into(), port))
+    })
+}
+
+// ---------------------------------------------------------------------------------
+// The result line and the HTTP client
 
 /// The result line: a JSON object whose keys keep their insertion order (a
 /// `serde_json::Map` would sort them).  Values are stored as JSON text.
