@@ -288,6 +288,7 @@ impl<S: Stream> HttpConn<S> {
                         && !self.metrics
                         && let Some(refusal) = self.refuse_event(&head, ctx, tally)
                     {
+                        tally.requests += 1;
                         self.out.extend_from_slice(&refusal);
                         self.close_after_write = Some(Reason::Done);
                         self.inbuf.clear();
@@ -349,6 +350,12 @@ impl<S: Stream> HttpConn<S> {
             Some(Route::Events) => {
                 if let Some(refusal) = self.refuse_event(head, ctx, tally) {
                     self.out.extend_from_slice(&refusal);
+                    if head.expect_continue && !self.sent_continue {
+                        // The client waits for a 100 before it sends the body; whether the
+                        // body came anyway depends on how TCP cut the bytes, so the answer
+                        // must not: close, as when it is refused before its body arrives.
+                        self.close_after_write = Some(Reason::Done);
+                    }
                     return;
                 }
                 match event::parse(self.inbuf.get(head.len..total).unwrap_or_default()) {
