@@ -95,7 +95,9 @@ fn load_config(dir: &Path) -> Result<(Config, Option<Backend>), String> {
     let path = dir.join("seafile.conf");
     let text = read_optional(&path)?;
     let name = path.display().to_string();
-    let read_key = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: cannot read: {e}", p.display()));
+    // The path is Debug-quoted: it may come from an environment variable and hold a
+    // newline, and a configuration error is one log line.
+    let read_key = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{p:?}: cannot read: {e}"));
     let config =
         Config::load_with(text.as_deref().map(|t| (name.as_str(), t)), &env, &read_key).map_err(|e| e.to_string())?;
     let ccnet_path = dir.join("ccnet.conf");

@@ -300,7 +300,8 @@ impl Config {
     /// is used in messages) and an environment lookup.
     pub fn load(file: Option<(&str, &str)>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         Config::load_with(file, env, &|path| {
-            Err(format!("{}: key files are not read here", path.display()))
+            // Debug-quoted, as in main's reader: a path may hold a newline, and an error is one line.
+            Err(format!("{path:?}: key files are not read here"))
         })
     }
 
@@ -337,10 +338,7 @@ impl Config {
                 let key = read_file(path).map_err(|e| ConfigError(format!("jwt_private_key_file: {e}")))?;
                 config.jwt_private_key = strip(key);
                 if config.jwt_private_key.is_empty() {
-                    return Err(ConfigError(format!(
-                        "jwt_private_key_file: {} is empty",
-                        path.display()
-                    )));
+                    return Err(ConfigError(format!("jwt_private_key_file: {path:?} is empty")));
                 }
             } else if let Some(dir) = env("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
                 let path = std::path::Path::new(&dir).join("jwt_private_key");
