@@ -1,6 +1,6 @@
 //! `notification-server`: command line, configuration, logging, bind, run, exit code.
 
-use notification_server::config::Config;
+use notification_server::config::{Config, DescriptorFit};
 use notification_server::groups::{self, Backend};
 use notification_server::logging::{self, Target};
 use notification_server::server::Server;
@@ -113,6 +113,53 @@ fn load_config(dir: &Path) -> Result<(Config, Option<Backend>), String> {
     Ok((config, backend))
 }
 
+/// Raises the soft open-file limit to the hard one, as every Go program does since Go
+/// 1.19 (the `syscall` package's init, whatever the `go` line of go.mod says), the
+/// official server among them: under systemd's default (1024 soft, 524288 hard) it
+/// effectively has the hard limit, and a drop-in replacement must hold as many clients.
+/// The soft limit of 1024 exists for programs that use `select()`; this one uses epoll
+/// and starts no other programs. Returns `(from, to)` when it raised the limit.
+fn raise_nofile_limit() -> std::io::Result<Option<(u64, u64)>> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur >= lim.rlim_max {
+            return Ok(None);
+        }
+        let from = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Some((from, lim.rlim_max)))
+    }
+}
+
+/// The soft open-file limit in effect: what the connection cap is derived from.
+fn nofile_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit on a local struct.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
+}
+
+/// [`load_config`], with `max_connections` fitted to the open-file limit. Used at start
+/// and on every reload, so a reload keeps the derived cap (and picks up a limit raised
+/// meanwhile with `prlimit`).
+fn load_fitted(dir: &Path) -> Result<(Config, Option<Backend>, DescriptorFit), String> {
+    let (mut config, groups) = load_config(dir)?;
+    let fit = config.fit_to_descriptors(nofile_limit());
+    Ok((config, groups, fit))
+}
+
 fn log_target(args: &Args) -> Result<Target, String> {
     if std::env::var("SEAFILE_LOG_TO_STDOUT").is_ok_and(|v| v == "true") {
         return Ok(Target::Stdout);
@@ -135,7 +182,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (config, groups) = match load_config(&args.config_dir) {
+    let raised = raise_nofile_limit();
+    let (config, groups, fit) = match load_fitted(&args.config_dir) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("notification-server: config error: {e}");
@@ -168,6 +216,16 @@ fn main() -> ExitCode {
         eprintln!("notification-server: {e}");
         return ExitCode::FAILURE;
     }
+    match raised {
+        Ok(Some((from, to))) => log::info!("raised the open-file limit from {from} to the hard limit {to}"),
+        Ok(None) => {}
+        Err(e) => log::warn!("cannot raise the open-file limit to the hard limit: {e}"),
+    }
+    if fit.is_warning() {
+        log::warn!("{fit}");
+    } else {
+        log::info!("{fit}");
+    }
     let metrics_listen = config.metrics_listen.clone();
     let mut server = match Server::new(config, listener, groups) {
         Ok(s) => s,
@@ -187,7 +245,7 @@ fn main() -> ExitCode {
         log::info!("metrics on http://{addr}/metrics");
     }
     let dir = args.config_dir.clone();
-    let server = server.with_reloader(Box::new(move || load_config(&dir)));
+    let server = server.with_reloader(Box::new(move || load_fitted(&dir).map(|(c, g, _)| (c, g))));
     log::info!("notification server started, listening on {}", server.local_addr());
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,
