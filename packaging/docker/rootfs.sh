@@ -46,7 +46,11 @@ interp=$(readelf -l "$bin" | sed -n 's/.*Requesting program interpreter: \(.*\)]
 mkdir -p "$out$(dirname "$interp")"
 cp -L "$(find_lib "$(basename "$interp")")" "$out$interp"
 for lib in $(readelf -d "$bin" | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'); do
-  cp -L "$(find_lib "$lib")" "$out/lib/$triplet/$lib"
+  if [ "$lib" = "$(basename "$interp")" ]; then
+    ln -sf "../..$interp" "$out/lib/$triplet/$lib" # the interpreter, once
+  else
+    cp -L "$(find_lib "$lib")" "$out/lib/$triplet/$lib"
+  fi
 done
 
 # uid 8000: the uid of the "seafile" user in Seafile's own images (NON_ROOT=true), so a
