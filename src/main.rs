@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const USAGE: &str = "\
-Usage: notification-server -c CONFIG_DIR [-l LOG_FILE] [--check-config]
+Usage: notification-server -c CONFIG_DIR [-l LOG_FILE] [--check-config | --ping]
 
 Seafile notification server (drop-in replacement for the official one).
 
@@ -19,6 +19,9 @@ Options:
   -l FILE         Log file (default DIR/notification-server.log); '-' logs to stderr.
                   SEAFILE_LOG_TO_STDOUT=true logs to stdout instead.
   --check-config  Validate the configuration, print the result and exit.
+  --ping          Ask the server this configuration describes for /ping (on loopback
+                  when it listens on any address); exit 0 on a 200, else 1. A health
+                  check for containers without a shell or curl.
   -h, --help      Show this help.
   -V, --version   Show the version.
 
@@ -35,6 +38,7 @@ struct Args {
     config_dir: PathBuf,
     log_file: Option<String>,
     check_only: bool,
+    ping: bool,
 }
 
 /// Parses flags the way Go's `flag` package accepts them: `-c DIR`, `-c=DIR`, `--c DIR`.
@@ -42,6 +46,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
     let mut config_dir = None;
     let mut log_file = None;
     let mut check_only = false;
+    let mut ping = false;
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -65,6 +70,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
             "-c" => config_dir = Some(PathBuf::from(value("-c")?)),
             "-l" => log_file = Some(value("-l")?),
             "-check-config" => check_only = true,
+            "-ping" => ping = true,
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
@@ -73,6 +79,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
         config_dir,
         log_file,
         check_only,
+        ping,
     }))
 }
 
@@ -173,6 +180,55 @@ fn log_target(args: &Args) -> Result<Target, String> {
     }
 }
 
+/// How long `--ping` waits to connect, and then for the answer.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `--ping`: one `GET /ping` to the configured address (its loopback twin when the
+/// server listens on any address), so a container image needs no shell tools for its
+/// health check. Exit 0 only on a 200.
+fn ping(config: &Config) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
+    let mut addr = match config.listen_address().to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        _ => {
+            eprintln!("notification-server: cannot resolve {}", config.listen_address());
+            return ExitCode::FAILURE;
+        }
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    // The status line is all we look at: 12 bytes, "HTTP/1.1 200".
+    let mut status = [0u8; 12];
+    let result = std::net::TcpStream::connect_timeout(&addr, PING_TIMEOUT).and_then(|mut s| {
+        s.set_read_timeout(Some(PING_TIMEOUT))?;
+        s.set_write_timeout(Some(PING_TIMEOUT))?;
+        s.write_all(b"GET /ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        s.read_exact(&mut status)
+    });
+    match result {
+        Ok(()) if status.ends_with(b" 200") => {
+            println!("pong from {addr}");
+            ExitCode::SUCCESS
+        }
+        Ok(()) => {
+            eprintln!(
+                "notification-server: {addr}/ping answered {:?}",
+                String::from_utf8_lossy(&status)
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("notification-server: no answer to /ping from {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(Some(args)) => args,
@@ -190,6 +246,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.ping {
+        return ping(&config);
+    }
     if args.check_only {
         println!("configuration OK: would listen on {}", config.listen_address());
         return ExitCode::SUCCESS;
@@ -279,5 +338,6 @@ mod tests {
         assert!(parse(&["-c"]).is_err());
         assert!(parse(&["-c", "/d", "--bogus"]).is_err());
         assert!(parse(&["-c", "/d", "--check-config"]).unwrap().unwrap().check_only);
+        assert!(parse(&["-c", "/d", "--ping"]).unwrap().unwrap().ping);
     }
 }
