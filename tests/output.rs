@@ -198,9 +198,12 @@ fn the_output_budget_pauses_ingest_until_output_drains() {
 fn a_stalled_client_is_evicted_while_others_sharing_its_frames_keep_receiving() {
     let metrics = format!("127.0.0.1:{}", free_port());
     let server = Server::start(&format!(
-        "metrics_listen = {metrics}\nmax_unsent_bytes = 100000\nwrite_timeout = 60"
+        "metrics_listen = {metrics}\nmax_unsent_bytes = 100000\nwrite_timeout = 60\npong_timeout = 60\nping_interval = 30"
     ));
     let _stuck = stalled(&server, "r", true);
+    // The stalled client's subscribe may still be in flight: make sure it is processed.
+    let mut probe = server.ws();
+    probe.sync();
     let mut readers: Vec<Ws> = (0..3).map(|_| server.ws()).collect();
     for (i, r) in readers.iter_mut().enumerate() {
         r.subscribe("r", &format!("reader{i}"));
@@ -208,8 +211,8 @@ fn a_stalled_client_is_evicted_while_others_sharing_its_frames_keep_receiving() 
     let mut sender = Sender::new(server.addr);
     let mut n = 0;
     while !server.logs.contains("slow consumer") {
-        assert!(n < 2000, "the stalled client was never evicted");
-        sender.post(&event("r", n, 8_000));
+        assert!(n < 2000, "the stalled client was never evicted\n{}", scrape(&metrics));
+        sender.post(&event("r", n, 16_000));
         for r in readers.iter_mut() {
             assert_eq!(r.recv().unwrap()["content"]["commit_id"], n.to_string());
         }

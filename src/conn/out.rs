@@ -49,6 +49,8 @@ pub struct Meter(Arc<Counts>);
 struct Counts {
     bytes: AtomicUsize,
     entries: AtomicUsize,
+    /// Entries of queues whose socket is full: waiting for the client, not for the server.
+    stuck: AtomicUsize,
 }
 
 impl Meter {
@@ -60,6 +62,12 @@ impl Meter {
     /// Pending deliveries (queue entries) across every connection.
     pub fn entries(&self) -> usize {
         self.0.entries.load(Relaxed)
+    }
+
+    /// Pending deliveries the server can write now: those not waiting behind a full
+    /// socket (what paces ingest; see `server/ingest.rs`).
+    pub fn writable_entries(&self) -> usize {
+        self.entries().saturating_sub(self.0.stuck.load(Relaxed))
     }
 
     fn add_bytes(&self, n: usize) {
@@ -76,6 +84,14 @@ impl Meter {
 
     fn sub_entries(&self, n: usize) {
         self.0.entries.fetch_sub(n, Relaxed);
+    }
+
+    fn add_stuck(&self, n: usize) {
+        self.0.stuck.fetch_add(n, Relaxed);
+    }
+
+    fn sub_stuck(&self, n: usize) {
+        self.0.stuck.fetch_sub(n, Relaxed);
     }
 }
 
@@ -174,6 +190,8 @@ pub struct OutQueue {
     entries: VecDeque<Entry>,
     /// Bytes queued and not yet written (what `max_unsent_bytes` bounds).
     unsent: usize,
+    /// The socket is full: the entries are counted as stuck by the meter.
+    stuck: bool,
     meter: Meter,
 }
 
@@ -182,6 +200,7 @@ impl OutQueue {
         OutQueue {
             entries: VecDeque::new(),
             unsent: 0,
+            stuck: false,
             meter,
         }
     }
@@ -200,7 +219,7 @@ impl OutQueue {
     /// what one connection wrote of one frame.
     pub fn push(&mut self, frame: Frame) {
         self.unsent += frame.len();
-        self.meter.add_entries(1);
+        self.count_entries(1);
         self.entries.push_back(Entry::Shared { frame, written: 0 });
     }
 
@@ -215,7 +234,7 @@ impl OutQueue {
                 dst.copy_from_slice(bytes);
             }
             self.unsent += bytes.len();
-            self.meter.add_entries(1);
+            self.count_entries(1);
             self.entries.push_back(Entry::Inline {
                 len: bytes.len() as u8,
                 written: 0,
@@ -227,9 +246,35 @@ impl OutQueue {
         }
     }
 
+    fn count_entries(&self, n: usize) {
+        self.meter.add_entries(n);
+        if self.stuck {
+            self.meter.add_stuck(n);
+        }
+    }
+
+    /// Marks the socket full (or not); the meter counts a full socket's entries apart.
+    fn set_stuck(&mut self, stuck: bool) {
+        if stuck != self.stuck {
+            self.stuck = stuck;
+            if stuck {
+                self.meter.add_stuck(self.entries.len());
+            } else {
+                self.meter.sub_stuck(self.entries.len());
+            }
+        }
+    }
+
     /// Writes as much as `w` takes, in order, up to [`MAX_IOV`] frames per call. `Ok`
-    /// when everything is written; `WouldBlock` (or any other error) otherwise.
+    /// when everything is written; `WouldBlock` (or any other error) otherwise, and the
+    /// rest counts as stuck until a later write gets further.
     pub fn write_to(&mut self, w: &mut impl Write) -> io::Result<()> {
+        let result = self.write_all_to(w);
+        self.set_stuck(result.is_err());
+        result
+    }
+
+    fn write_all_to(&mut self, w: &mut impl Write) -> io::Result<()> {
         while !self.entries.is_empty() {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
@@ -269,11 +314,15 @@ impl OutQueue {
             done += 1;
         }
         self.meter.sub_entries(done);
+        if self.stuck {
+            self.meter.sub_stuck(done);
+        }
     }
 }
 
 impl Drop for OutQueue {
     fn drop(&mut self) {
+        self.set_stuck(false);
         self.meter.sub_entries(self.entries.len());
     }
 }
@@ -380,6 +429,7 @@ mod tests {
         let meter = Meter::default();
         let mut q = OutQueue::new(meter.clone());
         q.push(Frame::text(b"abc", &meter));
+        assert_eq!(meter.writable_entries(), 1);
         let mut w = Trickle {
             out: Vec::new(),
             room: 0,
@@ -388,5 +438,15 @@ mod tests {
         assert_eq!(q.write_to(&mut w).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         assert_eq!(q.unsent(), 5);
         assert!(meter.held() >= 5 + ENTRY_BYTES);
+        // Waiting for the client, not for the server.
+        q.push_bytes(&[0x89, 0]);
+        assert_eq!((meter.entries(), meter.writable_entries()), (2, 0));
+        w.room = 100;
+        assert!(q.write_to(&mut w).is_ok());
+        assert_eq!((meter.entries(), meter.writable_entries()), (0, 0));
+        q.push_bytes(&[0x89, 0]);
+        assert_eq!(meter.writable_entries(), 1);
+        drop(q);
+        assert_eq!((meter.entries(), meter.writable_entries(), meter.held()), (0, 0, 0));
     }
 }

@@ -9,11 +9,15 @@
 //!   and the metrics listener still answers. Clients are never closed for this: a client is
 //!   closed as a slow consumer only for its own lack of progress (see `WsConn::send`).
 //! - **Pacing.** Under a burst `/events` is read far faster than its fan-out can be
-//!   written, and every accepted event would wait behind the ones before it. So an HTTP
-//!   connection is read only while the flush queue holds fewer than [`PACE_QUEUE`]
-//!   websockets: little enough that an accepted event's frames reach the sockets within a
-//!   few milliseconds, while connections that are still queued when the next event
-//!   arrives take its frame in the same write.
+//!   written: unpaced, a burst of small events to one large library queued hundreds of
+//!   frames per subscriber, over `max_unsent_bytes`, and the server evicted clients for
+//!   its own backlog. So an HTTP connection is read only while fewer than
+//!   [`PACE_ENTRIES`] deliveries are pending across all connections, not counting those
+//!   behind a full socket (a client that stopped reading must not hold everybody's
+//!   events back; it is evicted by its own limits): a bounded amount of
+//!   work ahead of each new event, yet enough that a subscriber still queued when the
+//!   next event arrives takes it in the same `writev` (writes, not frames, are what
+//!   costs: see README, Performance).
 //!
 //! HTTP connections whose readiness arrives while ingest is held are remembered and
 //! served, oldest first, as soon as it opens again (readiness is edge-triggered: no new
@@ -23,10 +27,11 @@
 use super::{Conn, Listen, Now, Server};
 use std::collections::VecDeque;
 
-/// Most websockets waiting in the flush queue for `/events` to be read: about 2-4 ms of
-/// writes at 10-20 us each. Fewer starve the batching that keeps the cost per delivery
-/// down; more make each new event wait longer behind the ones before it.
-pub(super) const PACE_QUEUE: usize = 200;
+/// Most deliveries pending (across all connections) for `/events` to be read: 512 KiB
+/// of queue entries, and at 1-2 us per batched frame 30-60 ms of writes. Pacing by the
+/// flush queue's length instead (200 websockets, a few ms of writes) sent nearly every
+/// frame in a write of its own: 15-20 us per delivery, a tenth of the throughput.
+pub(super) const PACE_ENTRIES: usize = 32 * 1024;
 
 /// What holds new events back, and who waits.
 #[derive(Default)]
@@ -63,7 +68,7 @@ impl<L: Listen> Server<L> {
                 "unsent output holds {held} bytes, at max_output_bytes ({budget}): not taking events until it drains"
             );
         }
-        !self.ingest.over_budget && self.flush_queue.len() < PACE_QUEUE
+        !self.ingest.over_budget && self.meter.writable_entries() < PACE_ENTRIES
     }
 
     /// Serves an HTTP connection now, or remembers it for when ingest opens.
