@@ -4,8 +4,9 @@
 #
 #   packaging/test-deb.sh [path/to/notification-server_*.deb]
 #
-# Without an argument it builds the package first (`cargo deb`, installing cargo-deb
-# from crates.io if missing). Needs root and dpkg; works where systemd is not PID 1
+# Without an argument it builds the package for this machine's architecture first
+# (packaging/build.sh, which needs Debian's Rust: .ci/deps-ship or
+# packaging/build-deps.sh). CI (.ci/ship) runs it on the amd64 package. Needs root and dpkg; works where systemd is not PID 1
 # (containers): the server is started directly, as systemd would, not via systemctl.
 # Refuses to run where the package or /etc/seafile-notification already exists.
 # Exits non-zero on the first failed check; always cleans up after itself (the server,
@@ -40,12 +41,10 @@ esac
 
 deb=${1:-}
 if [ -z "$deb" ]; then
-  step "build: cargo deb"
-  if ! cargo deb --version >/dev/null 2>&1; then
-    cargo install cargo-deb --locked
-  fi
-  cargo deb
-  deb=$(ls -t target/debian/"${PKG}"_*.deb | head -n 1)
+  arch=$(dpkg --print-architecture)
+  step "build: packaging/build.sh $arch"
+  packaging/build.sh "$arch"
+  deb=$(ls -t target/dist/"${PKG}"_*_"$arch".deb | head -n 1)
 fi
 [ -f "$deb" ] || fail "no package at $deb"
 

@@ -64,6 +64,11 @@ pub struct Answer {
     /// An accepted event, to deliver once `bytes` are written.
     pub event: Option<Event>,
     pub count: Option<Count>,
+    /// The answer was decided without the body: a client that sent `Expect:
+    /// 100-continue` and got no `100` may or may not have sent it, so the transport
+    /// must close after this answer (as Go's net/http does), or how TCP cut the bytes
+    /// would decide what the next request is.
+    pub body_unread: bool,
 }
 
 impl Answer {
@@ -73,6 +78,7 @@ impl Answer {
             then: Then::Continue,
             event: None,
             count: None,
+            body_unread: false,
         }
     }
 }
@@ -179,13 +185,16 @@ fn refuse_event(head: &Head, peer: SocketAddr, ctx: &Ctx) -> Option<Answer> {
     let allow = &ctx.config.events_allow;
     if !allow.is_empty() && !allow.iter().any(|n| n.contains(peer.ip())) {
         log::warn!("refused event from {peer}: address not in events_allow");
-        return Some(Answer::reply(http::plain(
-            403,
-            "Forbidden",
-            "events are not accepted from this address\n",
-            keep,
-            false,
-        )));
+        return Some(Answer {
+            body_unread: true,
+            ..Answer::reply(http::plain(
+                403,
+                "Forbidden",
+                "events are not accepted from this address\n",
+                keep,
+                false,
+            ))
+        });
     }
     let e = ctx
         .verifier
@@ -198,6 +207,7 @@ fn refuse_event(head: &Head, peer: SocketAddr, ctx: &Ctx) -> Option<Answer> {
     log::warn!("refused event from {peer}: bad token ({})", e.label());
     Some(Answer {
         count: Some(Count::EventTokenRejected(e)),
+        body_unread: true,
         ..Answer::reply(http::token_mismatch(keep))
     })
 }

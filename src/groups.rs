@@ -13,7 +13,7 @@
 //! loop with a `mio::Waker`. A failed query is retried briefly (reconnecting first); if it
 //! still fails the answer is an error, and the server drops the event rather than
 //! broadcasting it. This module owns the settings, the backends and the thread, not the
-//! loop's bookkeeping of held events (that is in `server.rs`).
+//! loop's bookkeeping of held events (that is in `gate.rs`).
 
 use crate::config::ConfigError;
 use std::path::{Path, PathBuf};

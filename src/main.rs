@@ -1,6 +1,6 @@
 //! `notification-server`: command line, configuration, logging, bind, run, exit code.
 
-use notification_server::config::Config;
+use notification_server::config::{Config, DescriptorFit};
 use notification_server::groups::{self, Backend};
 use notification_server::logging::{self, Target};
 use notification_server::server::Server;
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const USAGE: &str = "\
-Usage: notification-server -c CONFIG_DIR [-l LOG_FILE] [--check-config]
+Usage: notification-server -c CONFIG_DIR [-l LOG_FILE] [--check-config | --ping]
 
 Seafile notification server (drop-in replacement for the official one).
 
@@ -19,6 +19,9 @@ Options:
   -l FILE         Log file (default DIR/notification-server.log); '-' logs to stderr.
                   SEAFILE_LOG_TO_STDOUT=true logs to stdout instead.
   --check-config  Validate the configuration, print the result and exit.
+  --ping          Ask the server this configuration describes for /ping (on loopback
+                  when it listens on any address); exit 0 on a 200, else 1. A health
+                  check for containers without a shell or curl.
   -h, --help      Show this help.
   -V, --version   Show the version.
 
@@ -35,6 +38,7 @@ struct Args {
     config_dir: PathBuf,
     log_file: Option<String>,
     check_only: bool,
+    ping: bool,
 }
 
 /// Parses flags the way Go's `flag` package accepts them: `-c DIR`, `-c=DIR`, `--c DIR`.
@@ -42,6 +46,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
     let mut config_dir = None;
     let mut log_file = None;
     let mut check_only = false;
+    let mut ping = false;
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -65,6 +70,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
             "-c" => config_dir = Some(PathBuf::from(value("-c")?)),
             "-l" => log_file = Some(value("-l")?),
             "-check-config" => check_only = true,
+            "-ping" => ping = true,
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
@@ -73,6 +79,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
         config_dir,
         log_file,
         check_only,
+        ping,
     }))
 }
 
@@ -95,7 +102,9 @@ fn load_config(dir: &Path) -> Result<(Config, Option<Backend>), String> {
     let path = dir.join("seafile.conf");
     let text = read_optional(&path)?;
     let name = path.display().to_string();
-    let read_key = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: cannot read: {e}", p.display()));
+    // The path is Debug-quoted: it may come from an environment variable and hold a
+    // newline, and a configuration error is one log line.
+    let read_key = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{p:?}: cannot read: {e}"));
     let config =
         Config::load_with(text.as_deref().map(|t| (name.as_str(), t)), &env, &read_key).map_err(|e| e.to_string())?;
     let ccnet_path = dir.join("ccnet.conf");
@@ -111,6 +120,53 @@ fn load_config(dir: &Path) -> Result<(Config, Option<Backend>), String> {
     Ok((config, backend))
 }
 
+/// Raises the soft open-file limit to the hard one, as every Go program does since Go
+/// 1.19 (the `syscall` package's init, whatever the `go` line of go.mod says), the
+/// official server among them: under systemd's default (1024 soft, 524288 hard) it
+/// effectively has the hard limit, and a drop-in replacement must hold as many clients.
+/// The soft limit of 1024 exists for programs that use `select()`; this one uses epoll
+/// and starts no other programs. Returns `(from, to)` when it raised the limit.
+fn raise_nofile_limit() -> std::io::Result<Option<(u64, u64)>> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur >= lim.rlim_max {
+            return Ok(None);
+        }
+        let from = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Some((from, lim.rlim_max)))
+    }
+}
+
+/// The soft open-file limit in effect: what the connection cap is derived from.
+fn nofile_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit on a local struct.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
+}
+
+/// [`load_config`], with `max_connections` fitted to the open-file limit. Used at start
+/// and on every reload, so a reload keeps the derived cap (and picks up a limit raised
+/// meanwhile with `prlimit`).
+fn load_fitted(dir: &Path) -> Result<(Config, Option<Backend>, DescriptorFit), String> {
+    let (mut config, groups) = load_config(dir)?;
+    let fit = config.fit_to_descriptors(nofile_limit());
+    Ok((config, groups, fit))
+}
+
 fn log_target(args: &Args) -> Result<Target, String> {
     if std::env::var("SEAFILE_LOG_TO_STDOUT").is_ok_and(|v| v == "true") {
         return Ok(Target::Stdout);
@@ -124,6 +180,55 @@ fn log_target(args: &Args) -> Result<Target, String> {
     }
 }
 
+/// How long `--ping` waits to connect, and then for the answer.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `--ping`: one `GET /ping` to the configured address (its loopback twin when the
+/// server listens on any address), so a container image needs no shell tools for its
+/// health check. Exit 0 only on a 200.
+fn ping(config: &Config) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
+    let mut addr = match config.listen_address().to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        _ => {
+            eprintln!("notification-server: cannot resolve {}", config.listen_address());
+            return ExitCode::FAILURE;
+        }
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    // The status line is all we look at: 12 bytes, "HTTP/1.1 200".
+    let mut status = [0u8; 12];
+    let result = std::net::TcpStream::connect_timeout(&addr, PING_TIMEOUT).and_then(|mut s| {
+        s.set_read_timeout(Some(PING_TIMEOUT))?;
+        s.set_write_timeout(Some(PING_TIMEOUT))?;
+        s.write_all(b"GET /ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        s.read_exact(&mut status)
+    });
+    match result {
+        Ok(()) if status.ends_with(b" 200") => {
+            println!("pong from {addr}");
+            ExitCode::SUCCESS
+        }
+        Ok(()) => {
+            eprintln!(
+                "notification-server: {addr}/ping answered {:?}",
+                String::from_utf8_lossy(&status)
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("notification-server: no answer to /ping from {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(Some(args)) => args,
@@ -133,13 +238,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (config, groups) = match load_config(&args.config_dir) {
+    let raised = raise_nofile_limit();
+    let (config, groups, fit) = match load_fitted(&args.config_dir) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("notification-server: config error: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if args.ping {
+        return ping(&config);
+    }
     if args.check_only {
         println!("configuration OK: would listen on {}", config.listen_address());
         return ExitCode::SUCCESS;
@@ -166,6 +275,16 @@ fn main() -> ExitCode {
         eprintln!("notification-server: {e}");
         return ExitCode::FAILURE;
     }
+    match raised {
+        Ok(Some((from, to))) => log::info!("raised the open-file limit from {from} to the hard limit {to}"),
+        Ok(None) => {}
+        Err(e) => log::warn!("cannot raise the open-file limit to the hard limit: {e}"),
+    }
+    if fit.is_warning() {
+        log::warn!("{fit}");
+    } else {
+        log::info!("{fit}");
+    }
     let metrics_listen = config.metrics_listen.clone();
     let mut server = match Server::new(config, listener, groups) {
         Ok(s) => s,
@@ -185,7 +304,7 @@ fn main() -> ExitCode {
         log::info!("metrics on http://{addr}/metrics");
     }
     let dir = args.config_dir.clone();
-    let server = server.with_reloader(Box::new(move || load_config(&dir)));
+    let server = server.with_reloader(Box::new(move || load_fitted(&dir).map(|(c, g, _)| (c, g))));
     log::info!("notification server started, listening on {}", server.local_addr());
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -219,5 +338,6 @@ mod tests {
         assert!(parse(&["-c"]).is_err());
         assert!(parse(&["-c", "/d", "--bogus"]).is_err());
         assert!(parse(&["-c", "/d", "--check-config"]).unwrap().unwrap().check_only);
+        assert!(parse(&["-c", "/d", "--ping"]).unwrap().unwrap().ping);
     }
 }

@@ -556,6 +556,26 @@ fn expect_100_continue_with_a_bad_token_is_refused_before_the_body() {
     server.assert_alive();
 }
 
+#[test]
+fn expect_100_continue_with_a_bad_token_closes_even_when_the_body_came_along() {
+    // A client that sends the body without waiting for the 100: the refusal is the same,
+    // and so is the close, whatever the server happened to read first (fuzz target
+    // http_split found the connection going on when head and body came in one read).
+    let server = Server::start("");
+    let mut s = connect(server.addr);
+    let body = repo_update("r", "e1").to_string();
+    let request = format!(
+        "POST /events HTTP/1.1\r\nHost: x\r\nAuthorization: Token nope\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n{body}GET /ping HTTP/1.1\r\nHost: x\r\n\r\n",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).unwrap();
+    let r = read_response(&mut s, false).expect("the refusal");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.body, TOKEN_REFUSED);
+    assert_eof(&mut s, "after a refused Expect: 100-continue event");
+    server.assert_alive();
+}
+
 // ---- limits ----
 
 const SMALL_LIMITS: &str = "max_head_bytes = 1024\nmax_body_bytes = 2048";

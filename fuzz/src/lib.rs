@@ -27,6 +27,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use tungstenite::Utf8Bytes;
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -160,7 +161,15 @@ fn peer() -> SocketAddr {
 
 /// A valid configuration picked by the low two bits of `sel`: the defaults, or smaller
 /// limits that the fuzzer can reach (all within the minima `Config::load` enforces).
-fn config(sel: u8) -> Config {
+/// Built once: the fixtures below are immutable, so sharing them between inputs changes
+/// nothing but the time per input.
+fn config(sel: u8) -> &'static Config {
+    static CONFIGS: OnceLock<[Config; 4]> = OnceLock::new();
+    let configs = CONFIGS.get_or_init(|| [0, 1, 2, 3].map(build_config));
+    &configs[usize::from(sel & 3)]
+}
+
+fn build_config(sel: u8) -> Config {
     let mut c = Config {
         jwt_private_key: KEY.to_vec(),
         ..Config::default()
@@ -177,6 +186,12 @@ fn config(sel: u8) -> Config {
     c.ws_read_buffer_bytes = read_buffer;
     c.max_unsent_bytes = unsent;
     c
+}
+
+/// The verifier for [`KEY`], built once.
+fn verifier() -> &'static Verifier {
+    static VERIFIER: OnceLock<Verifier> = OnceLock::new();
+    VERIFIER.get_or_init(|| Verifier::new(KEY))
 }
 
 fn ctx<'a>(config: &'a Config, verifier: &'a Verifier, now: Millis, draining: bool, metrics: bool) -> Ctx<'a> {
@@ -208,9 +223,9 @@ struct HttpOutcome {
 /// of stream, with a socket that takes any amount of output.
 fn run_http(sel: u8, segments: &[&[u8]]) -> HttpOutcome {
     let config = config(sel);
-    let verifier = Verifier::new(KEY);
+    let verifier = verifier();
     let (draining, metrics) = (sel & 4 != 0, sel & 8 != 0);
-    let mut conn = HttpConn::new(ScriptedStream::new([]), peer(), listener(metrics), 0, &config);
+    let mut conn = HttpConn::new(ScriptedStream::new([]), peer(), listener(metrics), 0, config);
     let mut events = Vec::new();
     let mut tally = HttpTally::default();
     let mut last_step = None;
@@ -220,7 +235,7 @@ fn run_http(sel: u8, segments: &[&[u8]]) -> HttpOutcome {
             None => conn.stream_mut().eof = true,
         }
         let now = turn as Millis * 10;
-        let turn = conn.on_ready(&ctx(&config, &verifier, now, draining, metrics));
+        let turn = conn.on_ready(&ctx(config, verifier, now, draining, metrics));
         events.extend(turn.events);
         add_tally(&mut tally, turn.tally);
         let step = turn.step;
@@ -385,7 +400,7 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
     let (ctl, bytes) = rest.split_at(usize::from(n_ctl % 16).min(rest.len()));
     let input = [prefix, bytes].concat();
     let config = config(*sel);
-    let verifier = Verifier::new(KEY);
+    let verifier = verifier();
     let draining = allow_refusals && sel & 4 != 0;
     let metrics = allow_refusals && sel & 8 != 0;
     let eof_at_end = sel & 16 != 0;
@@ -409,7 +424,7 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
     let final_from = turns.len() - FINAL_TURNS;
 
     // HTTP phase.
-    let mut conn = HttpConn::new(ScriptedStream::new([]), peer(), listener(metrics), 0, &config);
+    let mut conn = HttpConn::new(ScriptedStream::new([]), peer(), listener(metrics), 0, config);
     let mut fed = 0usize;
     let mut turns = turns.into_iter().enumerate();
     let upgraded = loop {
@@ -422,7 +437,7 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
         stream.input.push_back(chunk.to_vec());
         stream.write_room = turn.room;
         stream.eof |= eof_at_end && i >= final_from;
-        let step = conn.on_ready(&ctx(&config, &verifier, now, draining, metrics));
+        let step = conn.on_ready(&ctx(config, verifier, now, draining, metrics));
         for e in step.events {
             check_event(&e, None);
         }
@@ -453,10 +468,10 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
 
     // Websocket phase: what `Server::read_ws`, the fan-out and the flush do.
     let meter = Meter::default();
-    let mut ws = conn.into_ws(upgraded as Millis * 10, &config, &meter);
+    let mut ws = conn.into_ws(upgraded as Millis * 10, config, &meter);
     let ws_start = ws.stream().output.len();
     let event_frame = Frame::text(ws_event_frame().as_bytes(), &meter);
-    let big_frame = Frame::text("x".repeat(config.max_unsent_bytes / 2).as_bytes(), &meter);
+    let big_frame = Frame::text(big_frame(*sel).as_bytes(), &meter);
     // Bytes of the frames we queued ourselves, for the output bound.
     let mut queued = 0usize;
     for (i, (chunk, turn)) in turns {
@@ -470,8 +485,8 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
         if ws_turn(
             &mut ws,
             turn,
-            &config,
-            &verifier,
+            config,
+            verifier,
             now,
             close_by,
             &mut queued,
@@ -494,12 +509,24 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
     assert_eq!(meter.held(), 0, "output memory not given back");
 }
 
-/// The event frame a subscriber would get.
-fn ws_event_frame() -> Utf8Bytes {
-    match event::parse(br#"{"type":"repo-update","content":{"repo_id":"r1","commit_id":"c1"}}"#) {
-        Parsed::Event(e) => e.frame,
-        other => panic!("the sample event does not parse: {other:?}"),
-    }
+/// The event frame a subscriber would get (parsed once).
+fn ws_event_frame() -> &'static Utf8Bytes {
+    static FRAME: OnceLock<Utf8Bytes> = OnceLock::new();
+    FRAME.get_or_init(
+        || match event::parse(br#"{"type":"repo-update","content":{"repo_id":"r1","commit_id":"c1"}}"#) {
+            Parsed::Event(e) => e.frame,
+            other => panic!("the sample event does not parse: {other:?}"),
+        },
+    )
+}
+
+/// An event frame of half the output cap of configuration `sel` (built once per
+/// configuration: up to 128 KiB each).
+fn big_frame(sel: u8) -> &'static Utf8Bytes {
+    static FRAMES: OnceLock<[Utf8Bytes; 4]> = OnceLock::new();
+    let frames =
+        FRAMES.get_or_init(|| [0, 1, 2, 3].map(|s| Utf8Bytes::from("x".repeat(config(s).max_unsent_bytes / 2))));
+    &frames[usize::from(sel & 3)]
 }
 
 /// Room for the websocket frame header around a payload we queue.
@@ -673,7 +700,7 @@ pub fn token_raw(data: &[u8]) {
     let Ok(token) = std::str::from_utf8(data) else {
         return;
     };
-    let v = Verifier::new(KEY);
+    let v = verifier();
     let _ = v.verify_event(token, NOW);
     if let Ok(grant) = v.verify_client(token, "r1", NOW) {
         assert!(grant.exp > NOW, "granted until {} <= now", grant.exp);
@@ -721,17 +748,9 @@ pub fn token_signed(data: &[u8]) {
         };
         (standard, rest)
     };
-    let now = [
-        NOW,
-        0,
-        -1,
-        1,
-        i64::MAX,
-        i64::MIN,
-        NOW + 1_000_000_000,
-        NOW - 1_000_000_000,
-    ][usize::from((mode >> 3) & 7)];
-    let grace_until = if mode & 64 != 0 { now.saturating_add(1) } else { now };
+    let now_sel = usize::from((mode >> 3) & 7);
+    let now = SIGNED_NOWS[now_sel];
+    let grace_until = grace_end(now, mode & 64 != 0);
     let token = sign_token(alg, header, claims, KEY);
     // The repo the claims name (when they are an object with a string repo_id), so that
     // verify_client gets past the repo check; else another one.
@@ -740,7 +759,7 @@ pub fn token_signed(data: &[u8]) {
         .and_then(|m| m.get("repo_id").and_then(Value::as_str).map(str::to_owned))
         .unwrap_or_else(|| "r1".into());
 
-    let v = Verifier::new(KEY);
+    let v = verifier();
     let as_event = v.verify_event(&token, now);
     let as_client = v.verify_client(&token, &repo_id, now);
     if let Ok(grant) = &as_client {
@@ -756,8 +775,7 @@ pub fn token_signed(data: &[u8]) {
         );
     }
 
-    let mut rotated = Verifier::new(KEY);
-    rotated.rotate(b"the next key", grace_until);
+    let rotated = rotated(now_sel, mode & 64 != 0);
     let (r_event, r_client) = (
         rotated.verify_event(&token, now),
         rotated.verify_client(&token, &repo_id, now),
@@ -774,6 +792,41 @@ pub fn token_signed(data: &[u8]) {
             "the old key is accepted after its grace"
         );
     }
+}
+
+/// The `now` values `token_signed` picks from: edges of the i64 range and of the epoch.
+const SIGNED_NOWS: [i64; 8] = [
+    NOW,
+    0,
+    -1,
+    1,
+    i64::MAX,
+    i64::MIN,
+    NOW + 1_000_000_000,
+    NOW - 1_000_000_000,
+];
+
+/// When the old key's grace ends for `token_signed`: at `now`, or a second after it.
+fn grace_end(now: i64, one_more: bool) -> i64 {
+    if one_more { now.saturating_add(1) } else { now }
+}
+
+/// A verifier whose key [`KEY`] was rotated away, with the grace picked by `now_sel` and
+/// `one_more` (built once for each of the 16 pairs).
+fn rotated(now_sel: usize, one_more: bool) -> &'static Verifier {
+    static ROTATED: OnceLock<Vec<Verifier>> = OnceLock::new();
+    let all = ROTATED.get_or_init(|| {
+        let mut all = Vec::new();
+        for now in SIGNED_NOWS {
+            for one_more in [false, true] {
+                let mut v = Verifier::new(KEY);
+                v.rotate(b"the next key", grace_end(now, one_more));
+                all.push(v);
+            }
+        }
+        all
+    });
+    &all[now_sel * 2 + usize::from(one_more)]
 }
 
 /// `header.claims.signature`, each part base64url without padding, signed with `key`.
@@ -842,10 +895,13 @@ pub fn config_text(data: &[u8]) {
     if text.to_ascii_lowercase().contains("metrics_listen") {
         return;
     }
-    let vars: Vec<&str> = config::keys()
-        .filter(|(k, _)| *k != "metrics_listen")
-        .map(|(_, v)| v)
-        .collect();
+    static VARS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    let vars = VARS.get_or_init(|| {
+        config::keys()
+            .filter(|(k, _)| *k != "metrics_listen")
+            .map(|(_, v)| v)
+            .collect()
+    });
     let var = vars.get(usize::from(sel & 127) % vars.len().max(1)).copied();
     let env = |name: &str| match env_value {
         Some(value) if Some(name) == var => Some(value.to_string()),

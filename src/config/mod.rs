@@ -35,8 +35,12 @@ pub struct Config {
     /// (`pong_timeout`, seconds).
     pub pong_timeout: Duration,
     /// Most simultaneous connections, HTTP and websocket together (`max_connections`).
-    /// At the cap the server stops accepting until one closes.
+    /// At the cap the server stops accepting until one closes. Unless set, derived from
+    /// the open-file limit by [`Config::fit_to_descriptors`]; 10,000 until then.
     pub max_connections: usize,
+    /// Whether `max_connections` was set in seafile.conf or the environment (an explicit
+    /// setting wins over the value derived from the open-file limit).
+    pub max_connections_explicit: bool,
     /// Largest HTTP request head, request line and headers (`max_head_bytes`); over it: 431.
     pub max_head_bytes: usize,
     /// Largest `/events` body (`max_body_bytes`); over it: 413.
@@ -164,6 +168,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(1),
             pong_timeout: Duration::from_secs(5),
             max_connections: 10_000,
+            max_connections_explicit: false,
             max_head_bytes: 8 * 1024,
             max_body_bytes: 64 * 1024,
             http_head_timeout: Duration::from_secs(10),
@@ -310,7 +315,8 @@ impl Config {
     /// is used in messages) and an environment lookup.
     pub fn load(file: Option<(&str, &str)>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         Config::load_with(file, env, &|path| {
-            Err(format!("{}: key files are not read here", path.display()))
+            // Debug-quoted, as in main's reader: a path may hold a newline, and an error is one line.
+            Err(format!("{path:?}: key files are not read here"))
         })
     }
 
@@ -347,10 +353,7 @@ impl Config {
                 let key = read_file(path).map_err(|e| ConfigError(format!("jwt_private_key_file: {e}")))?;
                 config.jwt_private_key = strip(key);
                 if config.jwt_private_key.is_empty() {
-                    return Err(ConfigError(format!(
-                        "jwt_private_key_file: {} is empty",
-                        path.display()
-                    )));
+                    return Err(ConfigError(format!("jwt_private_key_file: {path:?} is empty")));
                 }
             } else if let Some(dir) = env("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
                 let path = std::path::Path::new(&dir).join("jwt_private_key");
@@ -426,7 +429,10 @@ impl Config {
                     return Err(format!("{n} is below the minimum of {min}"));
                 }
                 match key {
-                    "max_connections" => self.max_connections = n,
+                    "max_connections" => {
+                        self.max_connections = n;
+                        self.max_connections_explicit = true;
+                    }
                     "max_head_bytes" => self.max_head_bytes = n,
                     "max_body_bytes" => self.max_body_bytes = n,
                     "max_message_bytes" => self.max_message_bytes = n,
@@ -587,5 +593,8 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+mod descriptors;
 #[cfg(test)]
 mod tests;
+
+pub use descriptors::{DescriptorFit, MIN_DERIVED_CONNECTIONS, RESERVED_DESCRIPTORS, connections_for_descriptors};

@@ -197,3 +197,44 @@ fn a_reload_keeps_what_needs_a_restart_and_names_it() {
     assert_eq!(applied.max_connections, 7, "live keys apply");
     assert!(running.restart_needed(&running.clone()).is_empty());
 }
+
+#[test]
+fn max_connections_derived_from_the_descriptor_limit_unless_set() {
+    let mut c = load("[notification]\njwt_private_key = k\n").unwrap();
+    assert!(!c.max_connections_explicit);
+    let fit = c.fit_to_descriptors(Some(65_536));
+    assert_eq!(c.max_connections, 65_536 - 64);
+    assert!(!fit.is_warning());
+    assert!(
+        fit.to_string()
+            .starts_with("max_connections 65472 (derived: open-file limit 65536"),
+        "{fit}"
+    );
+    // A limit below the reserve still leaves a usable floor, with a warning.
+    let fit = c.fit_to_descriptors(Some(20));
+    assert_eq!(c.max_connections, MIN_DERIVED_CONNECTIONS);
+    assert!(fit.is_warning());
+    // Unknown limit: unchanged.
+    let fit = c.fit_to_descriptors(None);
+    assert_eq!(c.max_connections, MIN_DERIVED_CONNECTIONS);
+    assert!(fit.is_warning());
+
+    let mut c = load("[notification]\njwt_private_key = k\nmax_connections = 500\n").unwrap();
+    assert!(c.max_connections_explicit);
+    let fit = c.fit_to_descriptors(Some(1024));
+    assert_eq!(c.max_connections, 500);
+    assert!(!fit.is_warning());
+    let fit = c.fit_to_descriptors(Some(256));
+    assert_eq!(c.max_connections, 500, "an explicit setting wins");
+    assert!(fit.is_warning(), "{fit}");
+    assert!(fit.to_string().contains("raise LimitNOFILE"), "{fit}");
+
+    let env = |k: &str| (k == "NOTIFICATION_SERVER_MAX_CONNECTIONS").then(|| "7".to_string());
+    let mut c = Config::load(Some(("f", "[notification]\njwt_private_key = k\n")), &env).unwrap();
+    c.fit_to_descriptors(Some(65_536));
+    assert_eq!(c.max_connections, 7);
+    assert_eq!(
+        connections_for_descriptors(u64::MAX),
+        usize::try_from(u64::MAX - 64).unwrap()
+    );
+}

@@ -260,6 +260,7 @@ impl<S: Stream> HttpConn<S> {
             if self.inbuf.len() < total {
                 if head.expect_continue && !self.sent_continue {
                     if let Some(refusal) = app::refuse_before_body(&head, self.peer, self.listener, ctx) {
+                        turn.tally.requests += 1;
                         self.out.extend_from_slice(&refusal.bytes);
                         turn.tally.record(refusal.count);
                         self.close_after_write = Some(CloseReason::Done);
@@ -282,6 +283,9 @@ impl<S: Stream> HttpConn<S> {
             self.out.extend_from_slice(&answer.bytes);
             turn.tally.record(answer.count);
             turn.events.extend(answer.event);
+            if answer.body_unread && head.expect_continue && !self.sent_continue {
+                self.close_after_write = Some(CloseReason::Done);
+            }
             match answer.then {
                 Then::Continue => {}
                 Then::Close(reason) => self.close_after_write = Some(reason),

@@ -160,19 +160,28 @@ impl Server {
         let dir = TempDir::new();
         std::fs::write(dir.path().join("seafile.conf"), config_text(extra)).unwrap();
         let conf = dir.path().to_path_buf();
-        Server::launch(dir, &conf, &["-l", "-"], &[], Some(nofile))
+        Server::launch(dir, &conf, &["-l", "-"], &[], Some((nofile, nofile)))
     }
 
-    fn launch(dir: TempDir, conf: &Path, args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
+    /// Starts with the default test config plus `extra`, under an open-file limit of
+    /// `soft` (and `hard`), as `ulimit -Sn soft -Hn hard` in the shell that starts it.
+    pub fn start_with_nofile(extra: &str, soft: u64, hard: u64) -> Server {
+        let dir = TempDir::new();
+        std::fs::write(dir.path().join("seafile.conf"), config_text(extra)).unwrap();
+        let conf = dir.path().to_path_buf();
+        Server::launch(dir, &conf, &["-l", "-"], &[], Some((soft, hard)))
+    }
+
+    fn launch(dir: TempDir, conf: &Path, args: &[&str], env: &[(&str, &str)], nofile: Option<(u64, u64)>) -> Server {
         let mut cmd = binary();
-        if let Some(n) = nofile {
+        if let Some((soft, hard)) = nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: only setrlimit between fork and exec, which is async-signal-safe.
             unsafe {
                 cmd.pre_exec(move || {
                     let lim = libc::rlimit {
-                        rlim_cur: n,
-                        rlim_max: n,
+                        rlim_cur: soft,
+                        rlim_max: hard,
                     };
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                         return Err(std::io::Error::last_os_error());
