@@ -1,6 +1,5 @@
 //! Events: parsing `/events` bodies into an [`Event`] with its audience, and the outbound
-//! message text, built once per event (PROTOCOL.md section 5). The fan-out encodes it
-//! into one websocket frame that every subscriber's queue shares (`conn/out.rs`).
+//! frame, built once per event and shared by every subscriber (PROTOCOL.md section 5).
 //!
 //! An [`Event`] does not know where it came from, so the same fan-out serves events from
 //! HTTP and, later, from a bus between instances.
