@@ -81,8 +81,8 @@
 mod common;
 
 use common::{
-    Fields, HTTP_TIMEOUT, Http, Resp, RssSettle, num, parse_flags, raise_nofile_limit, random_key, rss_kb, settle_rss,
-    unix_now,
+    Fields, HTTP_TIMEOUT, Http, Resp, Rng, RssSettle, num, parse_flags, raise_nofile_limit, random_key, rss_kb,
+    settle_rss, sign, unix_now,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -218,27 +218,6 @@ impl Schedule {
 
 // ---------------------------------------------------------------------------------
 // Small helpers
-
-fn sign(key: &str, claims: &Value) -> String {
-    let key = jsonwebtoken::EncodingKey::from_secret(key.as_bytes());
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).expect("HS256 encoding cannot fail")
-}
-
-/// xorshift64*: cheap and deterministic per task.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

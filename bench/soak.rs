@@ -81,8 +81,8 @@
 mod common;
 
 use common::{
-    Fields, FindAddr, HTTP_TIMEOUT, Http, Resp, RssSettle, ServerProcess, ServerSpec, num, parse_flags,
-    raise_nofile_limit, random_key, rss_kb, settle_rss, unix_now,
+    Fields, FindAddr, HTTP_TIMEOUT, Http, Resp, Rng, RssSettle, ServerProcess, ServerSpec, num, parse_flags,
+    raise_nofile_limit, random_key, rss_kb, settle_rss, sign, unix_now,
 };
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -186,30 +186,6 @@ fn parse_args() -> Result<Opts, String> {
         return Err("--warmup must be in [0, --seconds)".into());
     }
     Ok(o)
-}
-
-// ---------------------------------------------------------------------------------
-// Small helpers (the ones the other benches also use are in bench/common)
-
-fn sign(key: &str, claims: &Value) -> String {
-    let key = jsonwebtoken::EncodingKey::from_secret(key.as_bytes());
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).expect("HS256 encoding cannot fail")
-}
-
-/// xorshift64*: cheap, deterministic per churner, good enough to vary the repos.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 // ---------------------------------------------------------------------------------

@@ -596,3 +596,26 @@ pub async fn exchange(
         }
     }
 }
+
+/// Signs `claims` with HS256 and the raw bytes of `key`, as seahub and seaf-server do.
+pub fn sign(key: &str, claims: &serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(key.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).expect("HS256 encoding cannot fail")
+}
+
+/// xorshift64*: cheap and deterministic per task, good enough to vary libraries and timing.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
