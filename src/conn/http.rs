@@ -294,7 +294,7 @@ impl<S: Stream> HttpConn<S> {
     }
 
     /// Writes pending output; decides what happens once it is all out.
-    pub fn write_out(&mut self) -> HttpStep {
+    fn write_out(&mut self) -> HttpStep {
         while !self.out.is_empty() {
             match self.stream.write(&self.out) {
                 Ok(0) => return HttpStep::Close(CloseReason::PeerClosed),

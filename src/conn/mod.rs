@@ -142,11 +142,10 @@ impl std::fmt::Display for CloseReason {
     }
 }
 
-/// Every connection timer, in milliseconds, as the configuration sets them.
+/// The websocket timers, in milliseconds, as the configuration sets them (an HTTP
+/// connection reads its head and idle timeouts from the configuration it is served with).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timers {
-    pub http_head: Millis,
-    pub http_idle: Millis,
     pub ping_interval: Millis,
     pub pong_timeout: Millis,
     pub write_timeout: Millis,
@@ -156,8 +155,6 @@ pub struct Timers {
 impl Timers {
     pub fn new(config: &Config) -> Timers {
         Timers {
-            http_head: ms(config.http_head_timeout),
-            http_idle: ms(config.http_idle_timeout),
             ping_interval: ms(config.ping_interval),
             pong_timeout: ms(config.pong_timeout),
             write_timeout: ms(config.write_timeout),

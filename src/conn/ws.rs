@@ -363,8 +363,6 @@ mod tests {
 
     fn timers() -> Timers {
         Timers {
-            http_head: 1000,
-            http_idle: 1000,
             ping_interval: 100,
             pong_timeout: 300,
             write_timeout: 500,
