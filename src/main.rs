@@ -126,14 +126,17 @@ fn load_config(dir: &Path) -> Result<(Config, Option<Backend>), String> {
 /// effectively has the hard limit, and a drop-in replacement must hold as many clients.
 /// The soft limit of 1024 exists for programs that use `select()`; this one uses epoll
 /// and starts no other programs. Returns `(from, to)` when it raised the limit.
+///
+/// The `64` calls because `rlim_t` is 32 bits on armhf (and `RLIM_INFINITY` there is
+/// `u32::MAX`); `rlimit64` is the same call with 64-bit fields on every target.
 fn raise_nofile_limit() -> std::io::Result<Option<(u64, u64)>> {
-    let mut lim = libc::rlimit {
+    let mut lim = libc::rlimit64 {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit and setrlimit on a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+        if libc::getrlimit64(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return Err(std::io::Error::last_os_error());
         }
         if lim.rlim_cur >= lim.rlim_max {
@@ -141,7 +144,7 @@ fn raise_nofile_limit() -> std::io::Result<Option<(u64, u64)>> {
         }
         let from = lim.rlim_cur;
         lim.rlim_cur = lim.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+        if libc::setrlimit64(libc::RLIMIT_NOFILE, &lim) != 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(Some((from, lim.rlim_max)))
@@ -150,12 +153,12 @@ fn raise_nofile_limit() -> std::io::Result<Option<(u64, u64)>> {
 
 /// The soft open-file limit in effect: what the connection cap is derived from.
 fn nofile_limit() -> Option<u64> {
-    let mut lim = libc::rlimit {
+    let mut lim = libc::rlimit64 {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit on a local struct.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
+    (unsafe { libc::getrlimit64(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
 }
 
 /// [`load_config`], with `max_connections` fitted to the open-file limit. Used at start
