@@ -16,7 +16,7 @@
 //! `--key` (the `jwt_private_key`) is then required, and `--pid` is needed for the
 //! RSS and CPU figures (they are `null` without it).
 //!
-//! # Scenarios (`--scenario a|b|c|d|quick|all`, default `quick`; `all` = a, b, c, d)
+//! # Scenarios (`--scenario a|b|c|d|e|f|quick|all`, default `quick`; `all` = a, b, c, d)
 //!
 //! | name  | clients | repos | events | delivery phase                                        |
 //! |-------|---------|-------|--------|-------------------------------------------------------|
@@ -24,6 +24,8 @@
 //! | b     | 5000    | 1     | 20     | one at a time, each waits for its full fan-out        |
 //! | c     | 15000   | 150   | 150    | 30 s idle (server pings), then one event per repo     |
 //! | d     | 5000    | 500   | 20000  | paced at `--rate` 2000/s for `--duration-s` 10 s      |
+//! | e     | 5000    | 1     | 400    | burst of 2 KB events (`--pad 2000`) over 4 connections |
+//! | f     | 2000    | 1     | 3000   | burst of small events over 1 connection (6 M deliveries) |
 //! | quick | 2000    | 20    | 200    | burst (smoke run, well under a minute)                |
 //!
 //! Every scenario: the clients connect (bound round-robin to 127.0.0.1..127.0.0.K so
@@ -39,7 +41,8 @@
 //!
 //! # Flags
 //!
-//! `--clients N --repos R --events E` override the scenario sizes;
+//! `--clients N --repos R --events E` override the scenario sizes; `--pad BYTES` adds a
+//! field of that many bytes to every event (e: 2000);
 //! `--rate EV_PER_S --duration-s S` (d; events = rate * duration unless `--events`);
 //! `--idle-s S` (c); `--http-conns H` (keep-alive connections posting events: 16 for d,
 //! else 4);
@@ -60,7 +63,8 @@
 //! - `server_rss_idle_kb` (before clients connect), `server_rss_connected_kb` (all
 //!   subscriptions confirmed), `rss_per_conn_bytes` = (connected - idle) / clients,
 //!   `server_rss_after_close_kb` (clients gone, RSS unchanged for 2 s or 5 s passed);
-//!   VmRSS from /proc/PID/status.
+//!   VmRSS from /proc/PID/status.  `server_rss_peak_kb`: VmHWM (the peak since the
+//!   server started) once the deliveries are in.
 //! - `latency_us` {p50,p99,max}: per delivery, from just before the POST was written to
 //!   the moment the client task read the frame (same monotonic clock).  Includes the
 //!   load generator's own scheduling delay, which shares the CPUs with the server.
@@ -146,6 +150,7 @@ struct Opts {
     clients: Option<usize>,
     repos: Option<usize>,
     events: Option<usize>,
+    pad: Option<usize>,
     rate: f64,
     duration_s: f64,
     idle_s: f64,
@@ -165,8 +170,8 @@ struct Opts {
     key: Option<String>,
 }
 
-const USAGE: &str = "usage: cargo bench --bench load -- [--scenario a|b|c|d|quick|all] \
-[--clients N] [--repos R] [--events E] [--rate EV_PER_S] [--duration-s S] [--idle-s S] \
+const USAGE: &str = "usage: cargo bench --bench load -- [--scenario a|b|c|d|e|f|quick|all] \
+[--clients N] [--repos R] [--events E] [--pad BYTES] [--rate EV_PER_S] [--duration-s S] [--idle-s S] \
 [--http-conns H] [--connect-concurrency C] [--source-ips K] [--deadline-s S] [--threads T] \
 [--log-level L] [--max-connections M] [--ping-interval S] [--pong-timeout S] [--server-bin PATH] \
 [--url ws://HOST:PORT --key KEY [--pid PID]]  (see the doc comment of bench/load.rs)";
@@ -177,6 +182,7 @@ fn parse_args() -> Result<Opts, String> {
         clients: None,
         repos: None,
         events: None,
+        pad: None,
         rate: 2000.0,
         duration_s: 10.0,
         idle_s: 30.0,
@@ -201,6 +207,7 @@ fn parse_args() -> Result<Opts, String> {
             "--clients" => o.clients = Some(num(flag, &value()?)?),
             "--repos" => o.repos = Some(num(flag, &value()?)?),
             "--events" => o.events = Some(num(flag, &value()?)?),
+            "--pad" => o.pad = Some(num(flag, &value()?)?),
             "--rate" => o.rate = num(flag, &value()?)?,
             "--duration-s" => o.duration_s = num(flag, &value()?)?,
             "--idle-s" => o.idle_s = num(flag, &value()?)?,
@@ -222,7 +229,7 @@ fn parse_args() -> Result<Opts, String> {
         }
         Ok(true)
     })?;
-    if !["a", "b", "c", "d", "quick", "all"].contains(&o.scenario.as_str()) {
+    if !["a", "b", "c", "d", "e", "f", "quick", "all"].contains(&o.scenario.as_str()) {
         return Err(format!("unknown scenario {}", o.scenario));
     }
     if o.url.is_some() && o.key.is_none() {
@@ -258,12 +265,16 @@ struct Plan {
     mode: Mode,
     /// Keep-alive connections posting events.
     http_conns: usize,
+    /// Bytes of padding in every event.
+    pad: usize,
 }
 
 impl Plan {
     fn new(name: &str, o: &Opts) -> Plan {
         let (clients, repos, events, mode) = match name {
             "a" => (5000, 50, 500, Mode::Burst),
+            "e" => (5000, 1, 400, Mode::Burst),
+            "f" => (2000, 1, 3000, Mode::Burst),
             "b" => (5000, 1, 20, Mode::Sequential),
             "c" => (15000, 150, 0, Mode::Idle { secs: o.idle_s }),
             "d" => {
@@ -278,8 +289,14 @@ impl Plan {
         let events = o.events.unwrap_or(if events == 0 { repos } else { events });
         // The paced run is open-loop: enough connections that the response time of
         // one request does not hold back the schedule (4 x 2 ms would cap it at 2000/s).
-        let http_conns = o.http_conns.unwrap_or(if name == "d" { 16 } else { 4 });
+        let http_conns = o.http_conns.unwrap_or(match name {
+            "d" => 16,
+            "f" => 1,
+            _ => 4,
+        });
+        let pad = o.pad.unwrap_or(if name == "e" { 2000 } else { 0 });
         Plan {
+            pad,
             name: name.into(),
             clients,
             repos,
@@ -420,6 +437,18 @@ fn cpu_ns(pid: u32) -> Option<u64> {
     Some(ticks * 1_000_000_000 / hz)
 }
 
+/// The server's peak resident memory since it started (VmHWM), in KiB.
+fn rss_peak_kb(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// The machine's 1-minute load average: other work on the box skews every figure.
 fn loadavg_1m() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
@@ -509,6 +538,8 @@ struct Shared {
     source_ips: usize,
     connect_deadline: TInstant,
     repo_ids: Vec<String>,
+    /// Padding added to every event.
+    pad: String,
     /// Clients per repo whose websocket opened and whose subscription was sent.
     repo_connected: Vec<AtomicU32>,
     /// Clients per repo that received a probe.
@@ -800,9 +831,10 @@ async fn post_event(http: &mut Http, sh: &Shared, token: &str, k: usize, body: &
     let t0 = now_ns();
     let _ = write!(
         body,
-        r#"{{"type":"repo-update","content":{{"repo_id":"{}","commit_id":"{:040x}","bench_seq":{k},"bench_ts_ns":{t0}}}}}"#,
+        r#"{{"type":"repo-update","content":{{"repo_id":"{}","commit_id":"{:040x}","bench_seq":{k},"bench_ts_ns":{t0},"pad":"{}"}}}}"#,
         sh.repo_ids[k % sh.repos],
-        k
+        k,
+        sh.pad
     );
     sh.ev_sent_ns[k].store(t0, Relaxed);
     match http.request("POST", "/events", Some(token), body.as_bytes()).await {
@@ -954,6 +986,7 @@ async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Target) -> (Fi
         source_ips: o.source_ips,
         connect_deadline: TInstant::now() + deadline,
         repo_ids: (0..plan.repos).map(|r| format!("{tag}-4000-8000-{r:012x}")).collect(),
+        pad: "p".repeat(plan.pad),
         repo_connected: (0..plan.repos).map(|_| AtomicU32::new(0)).collect(),
         repo_confirmed: (0..plan.repos).map(|_| AtomicU32::new(0)).collect(),
         ev_sent_ns: (0..n_ev).map(|_| AtomicU64::new(0)).collect(),
@@ -1106,6 +1139,7 @@ async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Target) -> (Fi
     }
     let cpu1 = pid.and_then(cpu_ns);
     let bcpu1 = self_cpu_ns();
+    let rss_peak = pid.and_then(rss_peak_kb);
     let last = sh.last_delivery_ns.load(Relaxed).max(t0);
     let delivery_s = (last - t0) as f64 / 1e9;
     eprintln!(
@@ -1191,6 +1225,7 @@ async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Target) -> (Fi
     out.put("repos", json!(plan.repos));
     out.put("events", json!(posted.len()));
     out.put("http_conns", json!(plan.http_conns));
+    out.put("pad", json!(plan.pad));
     out.put("connected", json!(connected));
     out.put("connect_failures", json!(connect_failures));
     out.put("unconfirmed_subscriptions", json!(unconfirmed));
@@ -1203,6 +1238,7 @@ async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Target) -> (Fi
     out.put("server_rss_connected_kb", json!(rss_connected));
     out.put("rss_per_conn_bytes", per_conn);
     out.put("server_rss_after_close_kb", json!(rss_after));
+    out.put("server_rss_peak_kb", json!(rss_peak));
     out.put("post_s", json!(round3(post_s)));
     out.put("delivery_s", json!(round3(delivery_s)));
     out.put("events_per_s", json!((posted.len() as f64 / post_s.max(1e-9)).round()));

@@ -1,5 +1,6 @@
 //! Events: parsing `/events` bodies into an [`Event`] with its audience, and the outbound
-//! frame, built once per event and shared by every subscriber (PROTOCOL.md section 5).
+//! message text, built once per event (PROTOCOL.md section 5). The fan-out encodes it
+//! into one websocket frame that every subscriber's queue shares (`conn/out.rs`).
 //!
 //! An [`Event`] does not know where it came from, so the same fan-out serves events from
 //! HTTP and, later, from a bus between instances.

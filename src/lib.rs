@@ -10,8 +10,9 @@
 //! - [`metrics`]: counters, gauges and their Prometheus rendering;
 //! - [`sdnotify`]: systemd readiness, stopping, reloading and watchdog messages;
 //! - [`control`]: signals, reload, drain, watchdog, memory trim;
-//! - [`server`]: the reactor: accept, dispatch, sweep, fan-out, flush, teardown;
-//! - [`conn`]: one connection's transport and timers (HTTP, then maybe websocket);
+//! - [`server`]: the reactor: accept, dispatch, sweep, ingest, fan-out, flush, teardown;
+//! - [`conn`]: one connection's transport, timers and output queue (HTTP, then maybe
+//!   websocket), and the frames websockets share;
 //! - [`app`]: what an HTTP request means: routes, `/events`, the upgrade decision;
 //! - [`subscribe`]: what a client's subscribe and unsubscribe messages do;
 //! - [`gate`]: group-scoped delivery: held events, member cache, lookups;

@@ -92,6 +92,8 @@ pub struct Stats {
     pub events_ignored: u64,
     pub events_invalid: u64,
     pub deliveries: u64,
+    /// Times unsent output reached `max_output_bytes` and ingest paused.
+    pub output_budget_hits: u64,
     event_token_rejections: [u64; 8],
     client_token_rejections: [u64; 8],
     closes: BTreeMap<&'static str, u64>,
@@ -109,6 +111,7 @@ impl Default for Stats {
             events_ignored: 0,
             events_invalid: 0,
             deliveries: 0,
+            output_budget_hits: 0,
             event_token_rejections: [0; 8],
             client_token_rejections: [0; 8],
             closes: BTreeMap::new(),
@@ -165,6 +168,14 @@ pub struct Gauges {
     pub groups: crate::gate::GroupCounts,
     /// Websockets with output waiting for their turn in the time-sliced flush.
     pub flush_queue: u64,
+    /// Memory held for unsent websocket output (frames and queue entries).
+    pub output_bytes: u64,
+    /// Frames queued on websockets and not yet written.
+    pub pending_deliveries: u64,
+    /// Output is over `max_output_bytes`: no new events are taken.
+    pub output_over_budget: bool,
+    /// HTTP connections waiting for the server to take events again.
+    pub ingest_waiting: u64,
     pub accept_paused: bool,
     pub draining: bool,
     pub group_database: bool,
@@ -321,6 +332,36 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
         "gauge",
         "Websockets with output waiting for their turn to be flushed (above 0 only while fan-out outruns the sockets).",
         &one(g.flush_queue),
+    );
+    metric(
+        "notification_output_bytes",
+        "gauge",
+        "Memory held for unsent websocket output: shared frames, queue entries, control frames.",
+        &one(g.output_bytes),
+    );
+    metric(
+        "notification_pending_deliveries",
+        "gauge",
+        "Frames queued on websockets and not yet written.",
+        &one(g.pending_deliveries),
+    );
+    metric(
+        "notification_output_over_budget",
+        "gauge",
+        "1 while unsent output is over max_output_bytes and no new events are taken.",
+        &one(g.output_over_budget as u64),
+    );
+    metric(
+        "notification_output_budget_hits_total",
+        "counter",
+        "Times unsent output reached max_output_bytes.",
+        &one(s.output_budget_hits),
+    );
+    metric(
+        "notification_ingest_waiting",
+        "gauge",
+        "HTTP connections waiting to be read until the server takes events again (budget or pacing).",
+        &one(g.ingest_waiting),
     );
     metric(
         "notification_group_database_configured",

@@ -59,18 +59,17 @@ pub fn switching_protocols(accept: &str) -> Vec<u8> {
 }
 
 /// tungstenite's settings from our limits. Its defaults would allocate 128 KiB per
-/// connection up front and never bound the write buffer.
+/// connection up front.
 ///
-/// The write buffer is what a connection has queued and not yet handed to the kernel.
-/// `write_buffer_size` sits just below the cap so that frames are only buffered (and sent
-/// by the loop's one flush per turn), and `max_write_buffer_size` is the cap: a write that
-/// would pass it fails with `WriteBufferFull`, and the server evicts that slow consumer.
+/// tungstenite writes into the connection's `Tap`, which queues every byte with the rest
+/// of the connection's output (`conn/out.rs`) and never blocks: with a write buffer of 0
+/// each control frame goes straight through, so tungstenite's own buffer stays empty and
+/// its cap is never reached. `max_unsent_bytes` is enforced on the queue instead.
 pub fn socket_config(config: &Config) -> WebSocketConfig {
-    let cap = config.max_unsent_bytes.max(2);
     WebSocketConfig::default()
         .read_buffer_size(config.ws_read_buffer_bytes)
-        .write_buffer_size(cap - 1)
-        .max_write_buffer_size(cap)
+        .write_buffer_size(0)
+        .max_write_buffer_size(usize::MAX)
         .max_message_size(Some(config.max_message_bytes))
         .max_frame_size(Some(config.max_message_bytes))
         .accept_unmasked_frames(false)

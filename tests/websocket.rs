@@ -338,7 +338,11 @@ fn silent_client_is_closed_after_pong_timeout_and_a_live_one_is_kept() {
 #[test]
 fn a_client_that_stops_reading_is_evicted_and_others_keep_receiving() {
     // A small output cap so the stuck client crosses it quickly.
-    let server = Server::start("max_unsent_bytes = 70000\nmax_body_bytes = 65536\nwrite_timeout = 30");
+    // A long pong_timeout: the stuck client never answers pings, and on a loaded machine
+    // the 400 posts can take longer than the default 5 s.
+    let server = Server::start(
+        "max_unsent_bytes = 70000\nmax_body_bytes = 65536\nwrite_timeout = 30\nping_interval = 30\npong_timeout = 60",
+    );
     let stuck = std::net::TcpStream::connect(server.addr).unwrap();
     // A tiny receive buffer so the kernel cannot hide much of the backlog.
     set_rcvbuf(&stuck, 4096);

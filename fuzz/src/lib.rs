@@ -16,7 +16,9 @@ use notification_server::app::Ctx;
 use notification_server::auth::{self, Verifier};
 use notification_server::bus::{self, Decoded};
 use notification_server::config::{self, Config};
-use notification_server::conn::{HttpConn, HttpStep, HttpTally, Listener, Millis, Sent, Stream, WsConn, WsRead, ms};
+use notification_server::conn::{
+    Frame, HttpConn, HttpStep, HttpTally, Listener, Meter, Millis, Sent, Stream, WsConn, WsRead, ms,
+};
 use notification_server::event::{self, Event, Parsed};
 use notification_server::http;
 use notification_server::lenient::Object;
@@ -465,10 +467,11 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
     };
 
     // Websocket phase: what `Server::read_ws`, the fan-out and the flush do.
-    let mut ws = conn.into_ws(upgraded as Millis * 10, config);
+    let meter = Meter::default();
+    let mut ws = conn.into_ws(upgraded as Millis * 10, config, &meter);
     let ws_start = ws.stream().output.len();
-    let event_frame = ws_event_frame();
-    let big_frame = big_frame(*sel);
+    let event_frame = Frame::text(ws_event_frame().as_bytes(), &meter);
+    let big_frame = Frame::text(big_frame(*sel).as_bytes(), &meter);
     // Bytes of the frames we queued ourselves, for the output bound.
     let mut queued = 0usize;
     for (i, (chunk, turn)) in turns {
@@ -487,8 +490,8 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
             now,
             close_by,
             &mut queued,
-            event_frame,
-            big_frame,
+            &event_frame,
+            &big_frame,
         )
         .is_err()
         {
@@ -500,6 +503,10 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
             "{written} websocket bytes written for {fed} bytes read and {queued} queued"
         );
     }
+    // Every queued byte is accounted for, and given back when the connection ends.
+    drop(ws);
+    drop((event_frame, big_frame));
+    assert_eq!(meter.held(), 0, "output memory not given back");
 }
 
 /// The event frame a subscriber would get (parsed once).
@@ -535,12 +542,19 @@ fn ws_turn(
     now: Millis,
     close_by: Millis,
     queued: &mut usize,
-    event_frame: &Utf8Bytes,
-    big_frame: &Utf8Bytes,
+    event_frame: &Frame,
+    big_frame: &Frame,
 ) -> Result<(), ()> {
-    let send = |ws: &mut WsConn<ScriptedStream>, msg: &Utf8Bytes, queued: &mut usize| {
+    let send = |ws: &mut WsConn<ScriptedStream>, frame: &Frame, queued: &mut usize| {
+        *queued += frame.len() + FRAME_OVERHEAD;
+        match ws.send(frame, now) {
+            Sent::Queued { .. } | Sent::Discarded => Ok(()),
+            Sent::Evict(_) => Err(()),
+        }
+    };
+    let send_text = |ws: &mut WsConn<ScriptedStream>, msg: &Utf8Bytes, queued: &mut usize| {
         *queued += msg.len() + FRAME_OVERHEAD;
-        match ws.send(msg.clone(), now) {
+        match ws.send_text(msg, now) {
             Sent::Queued { .. } | Sent::Discarded => Ok(()),
             Sent::Evict(_) => Err(()),
         }
@@ -554,7 +568,7 @@ fn ws_turn(
                         Err(_) => {
                             let msg = event::jwt_expired(&repo_id);
                             check_jwt_expired(&msg, &repo_id);
-                            send(ws, &msg, queued)?;
+                            send_text(ws, &msg, queued)?;
                         }
                     }
                 }

@@ -57,6 +57,10 @@ pub struct Config {
     /// Most output bytes one connection may have queued and unsent (`max_unsent_bytes`);
     /// a client that falls further behind is closed (slow consumer).
     pub max_unsent_bytes: usize,
+    /// Most memory held for unsent websocket output across all connections
+    /// (`max_output_bytes`): shared event frames, queue entries, control frames. At the
+    /// budget the server stops reading `/events` (senders wait) until output drains.
+    pub max_output_bytes: usize,
     /// Output that stays unsent for this long closes the connection (`write_timeout`, s).
     pub write_timeout: Duration,
     /// Time given to the peer to answer our Close frame (`close_timeout`, s).
@@ -172,6 +176,7 @@ impl Default for Config {
             max_message_bytes: 256 * 1024,
             max_repos_per_connection: 1000,
             max_unsent_bytes: 256 * 1024,
+            max_output_bytes: 64 * 1024 * 1024,
             write_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
             max_messages_per_wakeup: 64,
@@ -259,6 +264,11 @@ const KEYS: &[(&str, &str, Kind)] = &[
         "max_unsent_bytes",
         "NOTIFICATION_SERVER_MAX_UNSENT_BYTES",
         Kind::Count(1024),
+    ),
+    (
+        "max_output_bytes",
+        "NOTIFICATION_SERVER_MAX_OUTPUT_BYTES",
+        Kind::Count(64 * 1024),
     ),
     ("write_timeout", "NOTIFICATION_SERVER_WRITE_TIMEOUT", Kind::Seconds),
     ("close_timeout", "NOTIFICATION_SERVER_CLOSE_TIMEOUT", Kind::Seconds),
@@ -428,6 +438,7 @@ impl Config {
                     "max_message_bytes" => self.max_message_bytes = n,
                     "max_repos_per_connection" => self.max_repos_per_connection = n,
                     "max_unsent_bytes" => self.max_unsent_bytes = n,
+                    "max_output_bytes" => self.max_output_bytes = n,
                     "max_messages_per_wakeup" => self.max_messages_per_wakeup = n,
                     "ws_read_buffer_bytes" => self.ws_read_buffer_bytes = n,
                     _ => return Err("internal: unknown count key".into()),

@@ -80,6 +80,8 @@ pub struct HttpConn<S = crate::socket::Socket> {
     /// `X-Forwarded-For` of the upgrade request, kept for the websocket's log lines.
     forwarded_for: Option<Box<str>>,
     interest: Interest,
+    /// Waiting for the server to take events again (its readiness was not acted on).
+    deferred: bool,
 }
 
 impl<S: Stream> HttpConn<S> {
@@ -97,6 +99,7 @@ impl<S: Stream> HttpConn<S> {
             upgrade_after_write: false,
             forwarded_for: None,
             interest: Interest::default(),
+            deferred: false,
         }
     }
 
@@ -114,6 +117,16 @@ impl<S: Stream> HttpConn<S> {
 
     pub fn listener(&self) -> Listener {
         self.listener
+    }
+
+    /// Marks it as waiting for the server to take events again; false if it already was.
+    pub fn defer(&mut self) -> bool {
+        !std::mem::replace(&mut self.deferred, true)
+    }
+
+    /// It is being served again.
+    pub fn undefer(&mut self) {
+        self.deferred = false;
     }
 
     /// Whether answers are stuck in the socket (WRITABLE is needed).
@@ -134,8 +147,12 @@ impl<S: Stream> HttpConn<S> {
 
     /// The timers' verdict: a request not complete in time or an idle keep-alive that
     /// expired closes; so does an idle connection while the server drains.
+    /// A connection waiting for the server to take events again is not judged: its
+    /// request waits unread because of the server, not the client.
     pub fn tick(&self, now: Millis, draining: bool) -> Option<CloseReason> {
-        if now >= self.deadline {
+        if self.deferred && !draining {
+            None
+        } else if now >= self.deadline {
             Some(CloseReason::HttpTimeout { idle: self.idle })
         } else if draining && self.is_idle() {
             Some(CloseReason::Shutdown)
@@ -322,7 +339,7 @@ impl<S: Stream> HttpConn<S> {
 
     /// Turns the connection into a websocket; bytes that followed the upgrade request
     /// are the first websocket bytes. Only after [`HttpStep::Upgrade`], so the 101 is out.
-    pub fn into_ws(self, now: Millis, config: &Config) -> WsConn<S> {
+    pub fn into_ws(self, now: Millis, config: &Config, meter: &super::Meter) -> WsConn<S> {
         WsConn::new(
             self.stream,
             self.inbuf,
@@ -331,6 +348,7 @@ impl<S: Stream> HttpConn<S> {
             self.interest,
             now,
             config,
+            meter,
         )
     }
 
@@ -456,7 +474,7 @@ mod tests {
         let (conn, turn) = run_http(vec![&bytes]);
         assert_eq!(turn.step, HttpStep::Upgrade);
         assert!(conn.stream.output.starts_with(b"HTTP/1.1 101 Switching Protocols\r\n"));
-        let mut ws = conn.into_ws(0, &config());
+        let mut ws = conn.into_ws(0, &config(), &crate::conn::Meter::default());
         assert_eq!(ws.read_one(0, 100), WsRead::Msg(ClientMsg::Unsubscribe(vec![])));
         assert_eq!(ws.read_one(0, 100), WsRead::Drained);
     }

@@ -7,14 +7,19 @@
 //! owns the slab, the subscription index, the clock and teardown. Nothing here touches
 //! another connection.
 //!
+//! A websocket's output is a queue of references to shared frames (`out.rs`), counted
+//! across the server by one [`Meter`].
+//!
 //! Readiness interest follows state: a connection knows whether it has output stuck in
 //! its socket, and [`Interest::change`] tells the reactor when (and only when) the
 //! registration must change, so a kept-alive request costs no `epoll_ctl`.
 
 mod http;
+mod out;
 mod ws;
 
 pub use http::{HttpConn, HttpStep, HttpTally, HttpTurn, MAX_PENDING_OUTPUT};
+pub use out::{ENTRY_BYTES, Frame, Meter};
 pub use ws::{Due, Sent, WsConn, WsRead};
 
 use crate::config::Config;

@@ -1,15 +1,47 @@
 //! One websocket connection: tungstenite's framing over our stream, the client messages
 //! it reads, the frames queued for it, the close handshake, and its own timers (keep-alive
 //! pings, pong timeout, write timeout, close deadline).
+//!
+//! Output never goes through tungstenite's buffer. tungstenite runs over a [`Tap`]: reads
+//! pass through to the socket, and what tungstenite writes (pongs, pings, Close frames) is
+//! appended to the connection's [`OutQueue`], the same queue that event frames join as
+//! references to their one shared encoding. Only [`WsConn::flush`] writes to the socket,
+//! from the front of that queue, so everything a client receives arrives in the order it
+//! was queued.
 
+use super::out::{Frame, Meter, OutQueue};
 use super::{CloseReason, Interest, Millis, Stream, Timers};
 use crate::config::Config;
 use crate::ws::{self, ClientMsg};
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
+use tungstenite::protocol::{CloseFrame, Role, WebSocket};
 use tungstenite::{Message, Utf8Bytes};
+
+/// tungstenite's side of the socket: reads go to the real stream, writes are queued in
+/// order with the connection's other output and never block.
+pub struct Tap<S> {
+    stream: S,
+    out: OutQueue,
+}
+
+impl<S: Read> Read for Tap<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf)
+    }
+}
+
+impl<S> Write for Tap<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.push_bytes(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Longest close reason sent: a control frame holds 125 bytes, 2 of them the code.
 const MAX_CLOSE_REASON: usize = 120;
@@ -54,7 +86,9 @@ pub enum Due {
 
 /// A websocket connection.
 pub struct WsConn<S = crate::socket::Socket> {
-    ws: WebSocket<S>,
+    ws: WebSocket<Tap<S>>,
+    /// `max_unsent_bytes`: the most output a client that stopped reading may leave queued.
+    max_unsent: usize,
     peer: SocketAddr,
     forwarded_for: Option<Box<str>>,
     /// Last time any frame (or any byte) came in.
@@ -72,7 +106,8 @@ pub struct WsConn<S = crate::socket::Socket> {
 
 impl<S: Stream> WsConn<S> {
     /// A websocket over `stream`, whose first bytes (read with the upgrade request) are
-    /// `read_ahead`.
+    /// `read_ahead`; its output is counted by `meter`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         stream: S,
         read_ahead: Vec<u8>,
@@ -81,10 +116,16 @@ impl<S: Stream> WsConn<S> {
         interest: Interest,
         now: Millis,
         config: &Config,
+        meter: &Meter,
     ) -> WsConn<S> {
-        let ws = WebSocket::from_partially_read(stream, read_ahead, Role::Server, Some(ws::socket_config(config)));
+        let tap = Tap {
+            stream,
+            out: OutQueue::new(meter.clone()),
+        };
+        let ws = WebSocket::from_partially_read(tap, read_ahead, Role::Server, Some(ws::socket_config(config)));
         WsConn {
             ws,
+            max_unsent: config.max_unsent_bytes,
             peer,
             forwarded_for,
             last_heard: now,
@@ -97,16 +138,27 @@ impl<S: Stream> WsConn<S> {
     }
 
     pub fn stream(&self) -> &S {
-        self.ws.get_ref()
+        &self.ws.get_ref().stream
     }
 
     pub fn stream_mut(&mut self) -> &mut S {
-        self.ws.get_mut()
+        &mut self.ws.get_mut().stream
+    }
+
+    fn out(&mut self) -> &mut OutQueue {
+        &mut self.ws.get_mut().out
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn unsent(&self) -> usize {
+        self.ws.get_ref().out.unsent()
     }
 
     /// Applies reloaded limits to the open connection.
-    pub fn set_config(&mut self, config: WebSocketConfig) {
-        self.ws.set_config(|c| *c = config);
+    pub fn set_config(&mut self, config: &Config) {
+        let ws_config = ws::socket_config(config);
+        self.ws.set_config(|c| *c = ws_config);
+        self.max_unsent = config.max_unsent_bytes;
     }
 
     /// Whether our Close frame is out.
@@ -207,11 +259,18 @@ impl<S: Stream> WsConn<S> {
                         Message::Close(_) => {
                             // tungstenite queued the echo (or this answers ours): send it, close.
                             let _ = self.ws.flush();
+                            self.write_last();
                             return WsRead::Close(self.closed_reason());
                         }
                     }
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Pongs for what was read are queued now, not at the next read.
+                    let _ = self.ws.flush();
+                    if self.unsent() > self.max_unsent && self.unsent_since.is_some() {
+                        // Pings answered faster than the client reads the pongs.
+                        return WsRead::Close(CloseReason::SlowConsumerBytes);
+                    }
                     return WsRead::Drained;
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -261,7 +320,15 @@ impl<S: Stream> WsConn<S> {
             reason: Utf8Bytes::from(truncate_reason(&why)),
         };
         let _ = self.ws.close(Some(frame));
+        self.write_last();
         WsRead::Close(CloseReason::Protocol(why))
+    }
+
+    /// Writes what the socket takes of the queue before the connection ends (the Close
+    /// frame that ends it is last in the queue).
+    fn write_last(&mut self) {
+        let tap = self.ws.get_mut();
+        let _ = tap.out.write_to(&mut tap.stream);
     }
 
     /// Sends a Close frame and gives the peer until `close_by` to answer (the sweep
@@ -281,40 +348,53 @@ impl<S: Stream> WsConn<S> {
         self.close_deadline = Some(close_by);
     }
 
-    /// Queues one text message. Never blocks; the loop's flush sends it.
-    pub fn send(&mut self, msg: Utf8Bytes, now: Millis) -> Sent {
+    /// Queues a reference to a shared frame (an event). Never blocks; the loop's flush
+    /// sends it. A client is evicted for its backlog only when its socket is full too,
+    /// i.e. for its own lack of progress: a backlog the server built up while the client
+    /// kept reading is the server's, and the global output budget bounds that.
+    pub fn send(&mut self, frame: &Frame, _now: Millis) -> Sent {
         if self.close_deadline.is_some() {
             return Sent::Discarded;
         }
-        self.queue(Message::Text(msg), now)
+        if !self.ws.can_write() {
+            // The peer's Close or FIN was read earlier in this turn: ordinary churn.
+            return Sent::Evict(CloseReason::PeerClosed);
+        }
+        if self.over_cap(frame.len()) {
+            return Sent::Evict(CloseReason::SlowConsumerBytes);
+        }
+        self.out().push(frame.clone());
+        Sent::Queued {
+            newly_queued: self.mark_queued(),
+        }
+    }
+
+    /// Queues a text message of this connection's own (a `jwt-expired` reply).
+    pub fn send_text(&mut self, payload: &str, now: Millis) -> Sent {
+        let frame = Frame::text(payload.as_bytes(), self.ws.get_ref().out.meter());
+        self.send(&frame, now)
+    }
+
+    /// Whether `more` bytes would take a client that is not reading past its cap.
+    fn over_cap(&self, more: usize) -> bool {
+        self.unsent_since.is_some() && self.unsent() + more > self.max_unsent
     }
 
     /// Queues a keep-alive ping (empty payload, as the official server sends).
-    pub fn ping(&mut self, now: Millis) -> Sent {
-        self.queue(Message::Ping(Default::default()), now)
-    }
-
-    fn queue(&mut self, msg: Message, now: Millis) -> Sent {
-        match self.ws.write(msg) {
-            Ok(()) => {}
-            // The frame is in the buffer; the socket is full, so it waits for WRITABLE.
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.unsent_since.get_or_insert(now);
-            }
-            Err(tungstenite::Error::WriteBufferFull(_)) => {
-                return Sent::Evict(CloseReason::SlowConsumerBytes);
-            }
-            Err(tungstenite::Error::Io(e)) => return Sent::Evict(CloseReason::from_io(&e)),
-            // The peer's Close or FIN was read earlier in this turn: ordinary churn.
+    pub fn ping(&mut self, _now: Millis) -> Sent {
+        if self.over_cap(2) {
+            return Sent::Evict(CloseReason::SlowConsumerBytes);
+        }
+        match self.ws.write(Message::Ping(Default::default())) {
+            Ok(()) => Sent::Queued {
+                newly_queued: self.mark_queued(),
+            },
             Err(
                 tungstenite::Error::AlreadyClosed
                 | tungstenite::Error::ConnectionClosed
                 | tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SendAfterClosing),
-            ) => return Sent::Evict(CloseReason::PeerClosed),
-            Err(e) => return Sent::Evict(CloseReason::Protocol(format!("{e}"))),
-        }
-        Sent::Queued {
-            newly_queued: self.mark_queued(),
+            ) => Sent::Evict(CloseReason::PeerClosed),
+            Err(e) => Sent::Evict(CloseReason::Protocol(format!("{e}"))),
         }
     }
 
@@ -322,19 +402,29 @@ impl<S: Stream> WsConn<S> {
     /// all is sent; `Ok(false)` means the socket is full and WRITABLE is needed.
     pub fn flush(&mut self, now: Millis) -> Result<bool, CloseReason> {
         self.queued = false;
+        // Anything tungstenite still holds (a pong owed since the last read) joins the queue.
         match self.ws.flush() {
+            Ok(()) => {}
+            Err(tungstenite::Error::ConnectionClosed) => {
+                self.write_last();
+                return Err(self.closed_reason());
+            }
+            Err(tungstenite::Error::AlreadyClosed) => return Err(CloseReason::PeerClosed),
+            Err(tungstenite::Error::Io(e)) => return Err(CloseReason::from_io(&e)),
+            Err(e) => return Err(CloseReason::Protocol(format!("{e}"))),
+        }
+        let tap = self.ws.get_mut();
+        match tap.out.write_to(&mut tap.stream) {
             Ok(()) => {
                 self.unsent_since = None;
                 Ok(true)
             }
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.unsent_since.get_or_insert(now);
                 Ok(false)
             }
-            Err(tungstenite::Error::ConnectionClosed) => Err(self.closed_reason()),
-            Err(tungstenite::Error::AlreadyClosed) => Err(CloseReason::PeerClosed),
-            Err(tungstenite::Error::Io(e)) => Err(CloseReason::from_io(&e)),
-            Err(e) => Err(CloseReason::Protocol(format!("{e}"))),
+            Err(e) if e.kind() == io::ErrorKind::WriteZero => Err(CloseReason::PeerClosed),
+            Err(e) => Err(CloseReason::from_io(&e)),
         }
     }
 
@@ -383,6 +473,7 @@ mod tests {
             Interest::default(),
             0,
             &config,
+            &Meter::default(),
         )
     }
 
@@ -411,7 +502,7 @@ mod tests {
         let t = timers();
         let mut w = conn();
         w.stream_mut().write_room = 0;
-        assert_eq!(w.send("x".into(), 10), Sent::Queued { newly_queued: true });
+        assert_eq!(w.send_text("x", 10), Sent::Queued { newly_queued: true });
         assert_eq!(w.flush(10), Ok(false));
         assert!(w.interest_change().is_some());
         assert!(w.wants_write());
@@ -426,7 +517,7 @@ mod tests {
         let t = timers();
         let mut w = conn();
         w.start_close(CloseCode::Away, "bye", 50);
-        assert_eq!(w.send("x".into(), 1), Sent::Discarded);
+        assert_eq!(w.send_text("x", 1), Sent::Discarded);
         assert_eq!(w.tick(49, &t), Due::Closing);
         assert_eq!(w.tick(50, &t), Due::Close(CloseReason::CloseHandshake));
     }

@@ -34,7 +34,7 @@ impl<L: Listen> Server<L> {
         };
         for reply in subscribe::apply(msg, key, &mut self.subs, &policy, &mut self.stats) {
             match reply {
-                Reply::JwtExpired(repo_id) => self.send(key, crate::event::jwt_expired(&repo_id), now.mono),
+                Reply::JwtExpired(repo_id) => self.send(key, &crate::event::jwt_expired(&repo_id), now.mono),
                 Reply::TooManySubscriptions => {
                     let close_by = now.mono + self.timers.close_timeout;
                     if let Some(Conn::Ws(w)) = self.conns.get_mut(key) {
@@ -115,8 +115,11 @@ impl<L: Listen> Server<L> {
             flush_queue,
             doomed,
             stats,
+            meter,
             ..
         } = self;
+        // Encoded once; each subscriber's queue holds a reference to these bytes.
+        let frame = crate::conn::Frame::text(ev.frame.as_bytes(), meter);
         for s in subs.subscribers(&ev.repo_id) {
             let wanted = match filter {
                 Filter::All => true,
@@ -129,7 +132,7 @@ impl<L: Listen> Server<L> {
             let Some(Conn::Ws(w)) = conns.get_mut(s.conn) else {
                 continue;
             };
-            match w.send(ev.frame.clone(), now) {
+            match w.send(&frame, now) {
                 Sent::Queued { newly_queued } => {
                     stats.deliveries += 1;
                     if newly_queued {

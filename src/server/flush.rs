@@ -33,9 +33,9 @@ impl<L: Listen> Server<L> {
     }
 
     /// Queues one message on one websocket, dooming it if it cannot take more.
-    pub(super) fn send(&mut self, key: usize, msg: tungstenite::Utf8Bytes, now: Millis) {
+    pub(super) fn send(&mut self, key: usize, msg: &str, now: Millis) {
         if let Some(Conn::Ws(w)) = self.conns.get_mut(key) {
-            let sent = w.send(msg, now);
+            let sent = w.send_text(msg, now);
             self.note_sent(key, sent, now);
         }
     }

@@ -27,6 +27,7 @@
 mod accept;
 mod deliver;
 mod flush;
+mod ingest;
 mod sweep;
 #[cfg(test)]
 mod tests;
@@ -35,7 +36,7 @@ use crate::app::Ctx;
 use crate::auth::Verifier;
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::conn::{CloseReason, HttpConn, HttpStep, Listener, Millis, Stream, Timers, WsConn, WsRead, ms};
+use crate::conn::{CloseReason, HttpConn, HttpStep, Listener, Meter, Millis, Stream, Timers, WsConn, WsRead, ms};
 use crate::control::{Control, DrainEnd, Order, Reloader};
 use crate::gate::Gate;
 use crate::groups::{Backend, Lookups};
@@ -127,6 +128,10 @@ pub struct Server<L: Listen = TcpListener> {
     doomed: Vec<(usize, CloseReason)>,
     /// Websockets that stopped reading at `max_messages_per_wakeup` and still have input.
     unread: Vec<usize>,
+    /// The memory held for unsent websocket output, over every connection.
+    meter: Meter,
+    /// The output budget and pacing, and who waits for them (`ingest.rs`).
+    ingest: ingest::Ingest,
     subs: Subs,
     gate: Gate,
     /// The Redis bus to the other instances, if `redis_url` is set.
@@ -219,6 +224,8 @@ impl<L: Listen> Server<L> {
             flush_queue: VecDeque::new(),
             doomed: Vec::new(),
             unread: Vec::new(),
+            meter: Meter::default(),
+            ingest: ingest::Ingest::default(),
             subs: Subs::default(),
             gate: Gate::new(&config, lookups.is_some()),
             bus,
@@ -297,7 +304,7 @@ impl<L: Listen> Server<L> {
                 METRICS => self.accept(now.mono, Listener::Metrics),
                 WAKER => {
                     self.on_lookup_replies(now.mono);
-                    self.on_bus_events(now.mono);
+                    self.bus_or_defer(now);
                 }
                 SIGNALS => {
                     if self.on_signals(now.mono) == Flow::Exit {
@@ -312,6 +319,7 @@ impl<L: Listen> Server<L> {
         }
         self.sweep_step(now);
         self.flush_queued(now.mono, turn_started);
+        self.resume_ingest(now);
         self.teardown();
         if self.accept_pause == Some(AcceptPause::AtCapacity) && self.conns.len() < self.config.max_connections {
             self.accept_pause = None;
@@ -356,10 +364,9 @@ impl<L: Listen> Server<L> {
                 .rotate(&new.jwt_private_key, self.now().unix + KEY_GRACE_SECONDS);
             log::info!("reload: new JWT key in use; the previous one is accepted for {KEY_GRACE_SECONDS} s");
         }
-        let ws_config = crate::ws::socket_config(&new);
         for (_, conn) in self.conns.iter_mut() {
             if let Conn::Ws(w) = conn {
-                w.set_config(ws_config);
+                w.set_config(&new);
             }
         }
         self.timers = Timers::new(&new);
@@ -397,7 +404,7 @@ impl<L: Listen> Server<L> {
                 if r.readable {
                     h.stream_mut().on_readable(r.hung_up);
                 }
-                self.serve_http(key, now)
+                self.serve_or_defer(key, now)
             }
             Some(Conn::Ws(w)) => {
                 if r.readable {
@@ -455,6 +462,10 @@ impl<L: Listen> Server<L> {
             pending_group_lookups: self.gate.pending() as u64,
             groups: self.gate.counts,
             flush_queue: self.flush_queue.len() as u64,
+            output_bytes: self.meter.held() as u64,
+            pending_deliveries: self.meter.entries() as u64,
+            output_over_budget: self.ingest.over_budget(),
+            ingest_waiting: self.deferred() as u64,
             accept_paused: self.accept_pause.is_some(),
             draining: self.control.draining(),
             group_database: self.lookups.is_some(),
@@ -479,7 +490,7 @@ impl<L: Listen> Server<L> {
         let Conn::Http(h) = std::mem::replace(slot, Conn::Upgrading) else {
             return;
         };
-        let ws = h.into_ws(now.mono, &self.config);
+        let ws = h.into_ws(now.mono, &self.config, &self.meter);
         log::debug!("connection {key} from {} is a websocket", ws.client_addr());
         *slot = Conn::Ws(Box::new(ws));
         self.sync_interest(key);

@@ -182,7 +182,7 @@ impl<L: Listen> Server<L> {
             let Some(Conn::Ws(w)) = self.conns.get_mut(key) else {
                 return;
             };
-            let sent = w.send(event::jwt_expired(&repo_id), now.mono);
+            let sent = w.send_text(&event::jwt_expired(&repo_id), now.mono);
             if !self.note_sent(key, sent, now.mono) {
                 break;
             }
