@@ -232,10 +232,11 @@ fn a_stalled_client_is_evicted_while_others_sharing_its_frames_keep_receiving() 
 
 #[test]
 fn pongs_replies_events_and_close_arrive_in_the_order_they_were_queued() {
-    let server =
-        Server::start("ping_interval = 0.05\npong_timeout = 30\nclose_timeout = 10\nmax_unsent_bytes = 100000000");
-    let mut raw = RawWs::connect(&server);
-    set_rcvbuf(&raw.s, 4096);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let server = Server::start(&format!(
+        "metrics_listen = {metrics}\nping_interval = 0.05\npong_timeout = 30\nclose_timeout = 10\nmax_unsent_bytes = 100000000\nmax_body_bytes = 20000000"
+    ));
+    let mut raw = RawWs::connect_with_rcvbuf(&server, 4096);
     let t = client_token("r", "u", unix_now() + 3600);
     raw.send(
         1,
@@ -243,31 +244,52 @@ fn pongs_replies_events_and_close_arrive_in_the_order_they_were_queued() {
             .to_string()
             .as_bytes(),
     );
-    let mut sync = server.ws();
-    sync.sync();
+    wait_metrics(&metrics, "the subscription", |m| {
+        metric_value(m, "notification_subscriptions") == 1.0
+    });
     let mut sender = Sender::new(server.addr);
-    // Without reading, interleave: ping, a bad subscribe (answered with jwt-expired),
-    // another ping, then an event, many times over; the output backs up in the server.
+    // First fill the kernel's buffers for this client (they take megabytes on loopback),
+    // so that everything after waits in the server's own queue.
+    const FILL: usize = 1_000_000;
+    sender.post(&event("r", FILL, 12_000_000));
+    wait_metrics(&metrics, "output held by the server", |m| {
+        metric_value(m, "notification_output_bytes") > 0.0
+    });
+    let rejected = "notification_token_rejections_total{token=\"client\",cause=\"malformed\"}";
+    let bad_subscribe =
+        |repo: String| json!({"type":"subscribe","content":{"repos":[{"id": repo,"jwt_token":"bad"}]}}).to_string();
+    // Without reading, interleave: a ping, a bad subscribe (answered with jwt-expired),
+    // another ping and another bad subscribe, then an event, many times over; the output
+    // backs up in the server.
     let rounds = 40;
     for i in 0..rounds {
         raw.send(9, format!("a{i}").as_bytes());
-        raw.send(
-            1,
-            json!({"type":"subscribe","content":{"repos":[{"id": format!("q{i}"),"jwt_token":"bad"}]}})
-                .to_string()
-                .as_bytes(),
-        );
+        raw.send(1, bad_subscribe(format!("q{i}")).as_bytes());
         raw.send(9, format!("b{i}").as_bytes());
-        // The frames above are read before the event is taken: the loop answers the
-        // sync client only after reading what came before on every socket.
-        sync.sync();
+        raw.send(1, bad_subscribe(format!("r{i}")).as_bytes());
+        // The event is posted only once the server has read all four frames: the second
+        // refusal is counted after them. (A round trip through another socket would not
+        // prove that: TCP may deliver this client's frames later than another's.)
+        let want = (2 * (i + 1)) as f64;
+        wait_metrics(&metrics, "the round's frames read", |m| {
+            metric_value(m, rejected) >= want
+        });
         sender.post(&event("r", i, 4_000));
     }
     // A message the server does not understand: it queues its Close (1003) behind all of
     // that, and takes no more data for this client.
     raw.send(1, b"not json");
-    sync.sync();
+    server
+        .logs
+        .wait_for("closing websocket", DEADLINE)
+        .expect("the server read the bad message");
     sender.post(&event("r", 999, 10));
+    // All of it waits in the server's queue, not in the kernel's.
+    let m = scrape(&metrics);
+    assert!(
+        metric_value(&m, "notification_pending_deliveries") >= (rounds + 1) as f64,
+        "the events are queued in the server\n{m}"
+    );
     raw.s.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut got = Vec::new();
     loop {
@@ -290,12 +312,13 @@ fn pongs_replies_events_and_close_arrive_in_the_order_they_were_queued() {
             other => panic!("unexpected frame {other:#x}"),
         }
     }
-    let mut want = Vec::new();
+    let mut want = vec![format!("event {FILL}")];
     for i in 0..rounds {
         want.extend([
             format!("pong a{i}"),
             format!("reply q{i}"),
             format!("pong b{i}"),
+            format!("reply r{i}"),
             format!("event {i}"),
         ]);
     }

@@ -352,6 +352,50 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// Like [`connect`], with the receive buffer set to `rcvbuf` bytes before the handshake,
+/// so the window the client advertises never promises more than it can hold. (Shrinking
+/// the buffer after connecting does not do that: the kernel then drops data the peer was
+/// allowed to send, and recovery can hold this socket's own sends back for seconds.)
+pub fn connect_with_rcvbuf(addr: SocketAddr, rcvbuf: i32) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = addr else {
+        panic!("tests use 127.0.0.1");
+    };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a new socket owned by the TcpStream made from it; setsockopt with a valid
+    // int; connect with a valid sockaddr_in of the given length.
+    let s = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let s = TcpStream::from_raw_fd(fd);
+        let set = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &rcvbuf as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
+        assert_eq!(set, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+        let rc = libc::connect(
+            fd,
+            &sin as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+        s
+    };
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
 /// Reads the next response head byte by byte (so nothing after it is consumed) and returns
 /// it raw, or None on EOF / timeout.
 pub fn read_head_raw(s: &mut TcpStream) -> Option<Vec<u8>> {
@@ -531,7 +575,15 @@ pub struct RawWs {
 
 impl RawWs {
     pub fn connect(server: &Server) -> RawWs {
-        let mut s = connect(server.addr);
+        RawWs::upgrade(connect(server.addr))
+    }
+
+    /// Connects with a receive buffer of `rcvbuf` bytes (see [`connect_with_rcvbuf`]).
+    pub fn connect_with_rcvbuf(server: &Server, rcvbuf: i32) -> RawWs {
+        RawWs::upgrade(connect_with_rcvbuf(server.addr, rcvbuf))
+    }
+
+    fn upgrade(mut s: TcpStream) -> RawWs {
         s.write_all(b"GET /notification HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: notification.seafile.com\r\n\r\n").unwrap();
         let r = read_response(&mut s, true).unwrap();
         assert_eq!(r.status, 101);
