@@ -26,6 +26,10 @@ pub struct Ctx<'a> {
     pub draining: bool,
     /// The rendered metrics, for connections of the metrics listener.
     pub metrics: Option<&'a str>,
+    /// The server takes new events now. When it does not (output budget, pacing:
+    /// server/ingest.rs), the transport holds a complete `/events` request unanswered;
+    /// other requests are still answered.
+    pub taking_events: bool,
 }
 
 /// One complete request.
@@ -233,6 +237,7 @@ mod tests {
             now: 0,
             draining,
             metrics: Some("m 1\n"),
+            taking_events: true,
         };
         let head = http::parse_head(raw, 8192, 8192).unwrap().unwrap();
         let req = Request {

@@ -161,6 +161,15 @@ fn the_output_budget_pauses_ingest_until_output_drains() {
     // Nobody was closed for it, and the server still serves metrics and websockets.
     assert_eq!(metric_value(&m, "notification_connections{state=\"websocket\"}"), 3.0);
     probe.sync();
+    // Only /events waits: health checks and reconnecting clients are served meanwhile.
+    let ping = request(
+        server.addr,
+        b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(ping.status, 200);
+    let mut newcomer = server.ws();
+    newcomer.subscribe("elsewhere", "newcomer");
+    assert_eq!(sender.answer(Duration::from_millis(200)), None, "the event still waits");
     // The stalled client reads again: output drains, and the waiting request is taken.
     stuck.get_mut().set_read_timeout(Some(DEADLINE)).unwrap();
     let mut seen = 0;

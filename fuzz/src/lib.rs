@@ -202,6 +202,7 @@ fn ctx<'a>(config: &'a Config, verifier: &'a Verifier, now: Millis, draining: bo
         now,
         draining,
         metrics: metrics.then_some(METRICS),
+        taking_events: true,
     }
 }
 

@@ -59,6 +59,9 @@ pub struct HttpTurn {
     /// full socket), so `/events` is answered before any fan-out.
     pub events: Vec<Event>,
     pub tally: HttpTally,
+    /// A complete `/events` request now waits for the server to take events again
+    /// (`Ctx::taking_events`); the reactor serves the connection again when it does.
+    pub held: bool,
 }
 
 /// A connection speaking HTTP/1.1.
@@ -80,8 +83,12 @@ pub struct HttpConn<S = crate::socket::Socket> {
     /// `X-Forwarded-For` of the upgrade request, kept for the websocket's log lines.
     forwarded_for: Option<Box<str>>,
     interest: Interest,
-    /// Waiting for the server to take events again (its readiness was not acted on).
-    deferred: bool,
+    /// A complete `/events` request waits in `inbuf` for the server to take events
+    /// again. Nothing more is read meanwhile (the sender's requests wait in the kernel),
+    /// and the timers do not judge the connection: the wait is the server's.
+    holding_event: bool,
+    /// On the reactor's queue of connections waiting for ingest (server/ingest.rs).
+    queued_for_ingest: bool,
 }
 
 impl<S: Stream> HttpConn<S> {
@@ -99,7 +106,8 @@ impl<S: Stream> HttpConn<S> {
             upgrade_after_write: false,
             forwarded_for: None,
             interest: Interest::default(),
-            deferred: false,
+            holding_event: false,
+            queued_for_ingest: false,
         }
     }
 
@@ -119,14 +127,19 @@ impl<S: Stream> HttpConn<S> {
         self.listener
     }
 
-    /// Marks it as waiting for the server to take events again; false if it already was.
-    pub fn defer(&mut self) -> bool {
-        !std::mem::replace(&mut self.deferred, true)
+    /// Whether a complete `/events` request waits for the server to take events.
+    pub fn holding_event(&self) -> bool {
+        self.holding_event
     }
 
-    /// It is being served again.
-    pub fn undefer(&mut self) {
-        self.deferred = false;
+    /// Marks it as on the reactor's ingest queue; false if it already was.
+    pub fn queue_for_ingest(&mut self) -> bool {
+        !std::mem::replace(&mut self.queued_for_ingest, true)
+    }
+
+    /// Taken off the reactor's ingest queue.
+    pub fn dequeue_for_ingest(&mut self) {
+        self.queued_for_ingest = false;
     }
 
     /// Whether answers are stuck in the socket (WRITABLE is needed).
@@ -150,7 +163,7 @@ impl<S: Stream> HttpConn<S> {
     /// A connection waiting for the server to take events again is not judged: its
     /// request waits unread because of the server, not the client.
     pub fn tick(&self, now: Millis, draining: bool) -> Option<CloseReason> {
-        if self.deferred && !draining {
+        if self.holding_event && !draining {
             None
         } else if now >= self.deadline {
             Some(CloseReason::HttpTimeout { idle: self.idle })
@@ -163,21 +176,33 @@ impl<S: Stream> HttpConn<S> {
 
     /// Reads what the socket has, answers every complete request in order and writes the
     /// answers.
+    /// A connection holding an `/events` request goes on from it only when the server
+    /// takes events; until then a turn just writes what answers are left.
     pub fn on_ready(&mut self, ctx: &Ctx) -> HttpTurn {
         let mut turn = HttpTurn {
             step: HttpStep::Wait,
             events: Vec::new(),
             tally: HttpTally::default(),
+            held: false,
         };
+        if self.holding_event {
+            if !ctx.taking_events {
+                turn.step = self.write_out();
+                return turn;
+            }
+            self.holding_event = false;
+        }
         turn.step = self.serve(ctx, &mut turn);
+        turn.held = self.holding_event;
         turn
     }
 
     fn serve(&mut self, ctx: &Ctx, turn: &mut HttpTurn) -> HttpStep {
         let cap = ctx.config.max_head_bytes + ctx.config.max_body_bytes;
         loop {
-            if self.close_after_write.is_some() || self.upgrade_after_write {
-                // Nothing more is read once the last answer is decided.
+            if self.close_after_write.is_some() || self.upgrade_after_write || self.holding_event {
+                // Nothing more is read once the last answer is decided, nor while a
+                // request waits for the server.
                 return self.write_out();
             }
             // Back-pressure: while answers are stuck in the socket, read nothing more, so
@@ -225,6 +250,10 @@ impl<S: Stream> HttpConn<S> {
                 return step;
             }
             if peer_closed {
+                if self.holding_event {
+                    // Served later: the next read sees the end of stream again.
+                    return step;
+                }
                 // A half-closed peer still gets the answers to what it sent, then we close.
                 if self.out.is_empty() {
                     return HttpStep::Close(CloseReason::PeerClosed);
@@ -243,6 +272,7 @@ impl<S: Stream> HttpConn<S> {
     fn handle_requests(&mut self, ctx: &Ctx, turn: &mut HttpTurn) {
         while self.close_after_write.is_none()
             && !self.upgrade_after_write
+            && !self.holding_event
             && !self.inbuf.is_empty()
             && self.out.len() < MAX_PENDING_OUTPUT
         {
@@ -270,6 +300,10 @@ impl<S: Stream> HttpConn<S> {
                     self.sent_continue = true;
                     self.out.extend_from_slice(http::CONTINUE);
                 }
+                return;
+            }
+            if head.route == http::Route::Events && self.listener == Listener::Public && !ctx.taking_events {
+                self.holding_event = true;
                 return;
             }
             turn.tally.requests += 1;
@@ -386,6 +420,7 @@ mod tests {
             now,
             draining: false,
             metrics: None,
+            taking_events: true,
         }
     }
 
@@ -407,6 +442,58 @@ mod tests {
         assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
         assert_eq!(out.matches("HTTP/1.1 ").count(), 2);
         assert!(out.ends_with("404 page not found\n"));
+    }
+
+    #[test]
+    fn an_events_request_waits_while_the_server_takes_no_events_and_what_follows_waits_too() {
+        let config = config();
+        let verifier = Verifier::new(&config.jwt_private_key);
+        let input =
+            b"GET /ping HTTP/1.1\r\n\r\nPOST /events HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}GET /ping HTTP/1.1\r\n\r\n";
+        let mut stream = ScriptedStream::new([input.to_vec()]);
+        // The sender half-closes after its requests: they are still all answered.
+        stream.eof = true;
+        let mut conn = HttpConn::new(stream, peer(), Listener::Public, 0, &config);
+        let mut not_taking = ctx(&config, &verifier, 0);
+        not_taking.taking_events = false;
+        let answers = |conn: &HttpConn<ScriptedStream>| {
+            let out = String::from_utf8(conn.stream.output.clone()).unwrap();
+            out.split("HTTP/1.1 ")
+                .skip(1)
+                .map(|a| a[..3].to_string())
+                .collect::<Vec<_>>()
+        };
+        let turn = conn.on_ready(&not_taking);
+        assert_eq!((turn.step, turn.held, turn.tally.requests), (HttpStep::Wait, true, 1));
+        assert_eq!(answers(&conn), ["200"], "the ping before it is answered");
+        assert_eq!(
+            conn.tick(1_000_000, false),
+            None,
+            "the wait is the server's, not judged"
+        );
+        // Readiness again while events are still not taken: nothing new is answered.
+        let turn = conn.on_ready(&not_taking);
+        assert_eq!((turn.step, turn.held, turn.tally.requests), (HttpStep::Wait, false, 0));
+        assert_eq!(answers(&conn), ["200"]);
+        // Taken again: the held request (refused here: it has no token), the ping behind
+        // it, then the end of stream.
+        let turn = conn.on_ready(&ctx(&config, &verifier, 0));
+        assert_eq!((turn.held, turn.tally.requests), (false, 2));
+        assert_eq!(turn.step, HttpStep::Close(CloseReason::PeerClosed));
+        assert_eq!(answers(&conn), ["200", "400", "200"]);
+    }
+
+    #[test]
+    fn the_metrics_listener_never_holds_a_request() {
+        let config = config();
+        let verifier = Verifier::new(&config.jwt_private_key);
+        let stream = ScriptedStream::new([b"POST /events HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}".to_vec()]);
+        let mut conn = HttpConn::new(stream, peer(), Listener::Metrics, 0, &config);
+        let mut not_taking = ctx(&config, &verifier, 0);
+        not_taking.taking_events = false;
+        let turn = conn.on_ready(&not_taking);
+        assert!(!turn.held);
+        assert_eq!(turn.tally.requests, 1);
     }
 
     #[test]

@@ -3,15 +3,16 @@
 //!
 //! - **The output budget** (`max_output_bytes`). The [`Meter`](crate::conn::Meter) counts
 //!   the memory held for unsent output across all connections. At the budget the server
-//!   stops reading HTTP connections on the public listener (so `/events` senders wait,
-//!   their requests unread in the kernel) and stops draining the bus inbox, until output
-//!   drains to three quarters of the budget. Websockets are still read (pongs, subscribes)
-//!   and the metrics listener still answers. Clients are never closed for this: a client is
-//!   closed as a slow consumer only for its own lack of progress (see `WsConn::send`).
+//!   takes no `/events` request (each sender's request waits unanswered, and its next
+//!   ones unread in the kernel) and stops draining the bus inbox, until output drains to
+//!   three quarters of the budget. Everything else goes on: `/ping` (health checks),
+//!   websocket upgrades (reconnecting clients), pongs and subscribes, the metrics
+//!   listener. Clients are never closed for this: a client is closed as a slow consumer
+//!   only for its own lack of progress (see `WsConn::send`).
 //! - **Pacing.** Under a burst `/events` is read far faster than its fan-out can be
 //!   written: unpaced, a burst of small events to one large library queued hundreds of
 //!   frames per subscriber, over `max_unsent_bytes`, and the server evicted clients for
-//!   its own backlog. So an HTTP connection is read only while fewer than
+//!   its own backlog. So an `/events` request is taken only while fewer than
 //!   [`PACE_ENTRIES`] deliveries are pending across all connections, not counting those
 //!   behind a full socket (a client that stopped reading must not hold everybody's
 //!   events back; it is evicted by its own limits): a bounded amount of
@@ -19,10 +20,11 @@
 //!   next event arrives takes it in the same `writev` (writes, not frames, are what
 //!   costs: see README, Performance).
 //!
-//! HTTP connections whose readiness arrives while ingest is held are remembered and
-//! served, oldest first, as soon as it opens again (readiness is edge-triggered: no new
-//! event would come for bytes already waiting). A `/events` request is still answered 200
-//! before its fan-out, and every accepted event goes to every subscriber.
+//! The HTTP transport holds the request (`Ctx::taking_events`, `conn/http.rs`); the
+//! connections holding one are remembered here and served, oldest first, as soon as
+//! ingest opens again (readiness is edge-triggered: no new event would come for bytes
+//! already read). A `/events` request is still answered 200 before its fan-out, and
+//! every accepted event goes to every subscriber.
 
 use super::{Conn, Listen, Now, Server};
 use std::collections::VecDeque;
@@ -38,7 +40,7 @@ pub(super) const PACE_ENTRIES: usize = 32 * 1024;
 pub(super) struct Ingest {
     /// Over the budget; stays set until output drains to the low-water mark.
     over_budget: bool,
-    /// HTTP connections whose readiness arrived while ingest was held, oldest first.
+    /// HTTP connections holding an `/events` request until ingest opens, oldest first.
     deferred: VecDeque<usize>,
     /// The bus woke the loop while ingest was held.
     bus_waiting: bool,
@@ -71,18 +73,14 @@ impl<L: Listen> Server<L> {
         !self.ingest.over_budget && self.meter.writable_entries() < PACE_ENTRIES
     }
 
-    /// Serves an HTTP connection now, or remembers it for when ingest opens.
-    pub(super) fn serve_or_defer(&mut self, key: usize, now: Now) {
-        if !self.ingest_open()
-            && let Some(Conn::Http(h)) = self.conns.get_mut(key)
-            && h.listener() == crate::conn::Listener::Public
+    /// Remembers an HTTP connection that holds an `/events` request, for when ingest
+    /// opens (once, however often its readiness comes meanwhile).
+    pub(super) fn wait_for_ingest(&mut self, key: usize) {
+        if let Some(Conn::Http(h)) = self.conns.get_mut(key)
+            && h.queue_for_ingest()
         {
-            if h.defer() {
-                self.ingest.deferred.push_back(key);
-            }
-            return;
+            self.ingest.deferred.push_back(key);
         }
-        self.serve_http(key, now);
     }
 
     /// Takes bus events now, or remembers that some wait.
@@ -106,11 +104,19 @@ impl<L: Listen> Server<L> {
             let Some(key) = self.ingest.deferred.pop_front() else {
                 break;
             };
-            // A key whose connection ended (or was reused since) is served harmlessly:
-            // nothing is waiting on it.
-            if let Some(Conn::Http(h)) = self.conns.get_mut(key) {
-                h.undefer();
-                self.serve_http(key, now);
+            // A connection that ended, was reused since, or was served by its own
+            // readiness in between holds nothing: skipped.
+            let Some(Conn::Http(h)) = self.conns.get_mut(key) else {
+                continue;
+            };
+            h.dequeue_for_ingest();
+            if h.holding_event() && self.serve_http(key, now) {
+                // Ingest closed again within its own requests: it keeps its place.
+                if let Some(Conn::Http(h)) = self.conns.get_mut(key) {
+                    h.queue_for_ingest();
+                }
+                self.ingest.deferred.push_front(key);
+                break;
             }
         }
     }

@@ -404,7 +404,9 @@ impl<L: Listen> Server<L> {
                 if r.readable {
                     h.stream_mut().on_readable(r.hung_up);
                 }
-                self.serve_or_defer(key, now)
+                if self.serve_http(key, now) {
+                    self.wait_for_ingest(key);
+                }
             }
             Some(Conn::Ws(w)) => {
                 if r.readable {
@@ -421,7 +423,10 @@ impl<L: Listen> Server<L> {
         }
     }
 
-    fn serve_http(&mut self, key: usize, now: Now) {
+    /// Serves what an HTTP connection has. True when it now holds an `/events` request
+    /// because the server is not taking events (server/ingest.rs); the caller queues it.
+    fn serve_http(&mut self, key: usize, now: Now) -> bool {
+        let taking_events = self.ingest_open();
         let is_metrics = matches!(self.conns.get(key), Some(Conn::Http(h)) if h.listener() == Listener::Metrics);
         let metrics_text = is_metrics.then(|| metrics::render(&self.stats, &self.gauges()));
         let ctx = Ctx {
@@ -431,9 +436,10 @@ impl<L: Listen> Server<L> {
             now: now.mono,
             draining: self.control.draining(),
             metrics: metrics_text.as_deref(),
+            taking_events,
         };
         let Some(Conn::Http(h)) = self.conns.get_mut(key) else {
-            return;
+            return false;
         };
         let turn = h.on_ready(&ctx);
         self.stats.http_requests += turn.tally.requests;
@@ -451,6 +457,7 @@ impl<L: Listen> Server<L> {
             HttpStep::Close(reason) => self.doomed.push((key, reason)),
             HttpStep::Upgrade => self.upgrade(key, now),
         }
+        turn.held
     }
 
     /// What the server holds right now, for a metrics scrape.
