@@ -64,9 +64,11 @@ pub struct Grant {
 /// The shared key, prepared once for verification.
 pub struct Verifier {
     key: DecodingKey,
-    /// The key before the last reload, accepted until the given Unix time, so tokens
-    /// signed just before a key change still work while every process picks it up.
-    previous: Option<(DecodingKey, i64)>,
+    /// The key before the last reload, still accepted so that tokens signed just before
+    /// a key change work while every process picks it up; the reactor forgets it when
+    /// the grace ends, by its monotonic clock (a wall clock stepped back by NTP must not
+    /// stretch the grace, nor one stepped forward cut it short).
+    previous: Option<DecodingKey>,
     validation: Validation,
 }
 
@@ -87,10 +89,15 @@ impl Verifier {
         }
     }
 
-    /// Switches to a new key; the current one stays valid until `grace_until` (Unix s).
-    pub fn rotate(&mut self, new_key: &[u8], grace_until: i64) {
+    /// Switches to a new key; the current one stays accepted until [`Self::forget_previous`].
+    pub fn rotate(&mut self, new_key: &[u8]) {
         let old = std::mem::replace(&mut self.key, DecodingKey::from_secret(new_key));
-        self.previous = Some((old, grace_until));
+        self.previous = Some(old);
+    }
+
+    /// Stops accepting the key before the last rotation. False if there was none.
+    pub fn forget_previous(&mut self) -> bool {
+        self.previous.take().is_some()
     }
 
     fn decode(&self, token: &str, key: &DecodingKey) -> Result<Map<String, Value>, TokenError> {
@@ -109,7 +116,7 @@ impl Verifier {
     /// Verifies the signature and returns the claims, with `exp` and `nbf` checked.
     fn claims(&self, token: &str, now: i64) -> Result<Map<String, Value>, TokenError> {
         let claims = match (self.decode(token, &self.key), &self.previous) {
-            (Err(TokenError::Signature), Some((old, until))) if now < *until => self.decode(token, old)?,
+            (Err(TokenError::Signature), Some(old)) => self.decode(token, old)?,
             (result, _) => result?,
         };
         match claim(&claims, "exp").and_then(Value::as_i64) {
@@ -298,14 +305,21 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn rotated_key_keeps_the_old_one_for_the_grace_period() {
+    fn a_rotated_key_keeps_the_old_one_until_it_is_forgotten() {
         let mut v = verifier();
         let old = hs256(json!({"exp": NOW + 600}));
-        v.rotate(b"new key", NOW + 300);
+        assert!(!v.forget_previous(), "nothing to forget yet");
+        v.rotate(b"new key");
         let new = sign(Algorithm::HS256, &json!({"exp": NOW + 600}), b"new key");
+        let wrong = sign(Algorithm::HS256, &json!({"exp": NOW + 600}), b"wrong key");
         assert_eq!(v.verify_event(&new, NOW), Ok(()));
-        assert_eq!(v.verify_event(&old, NOW + 299), Ok(()));
-        assert_eq!(v.verify_event(&old, NOW + 300), Err(TokenError::Signature));
+        assert_eq!(v.verify_event(&old, NOW), Ok(()));
+        assert_eq!(v.verify_event(&wrong, NOW), Err(TokenError::Signature));
+        // The old key's tokens are still checked like any other: expiry applies.
+        assert_eq!(v.verify_event(&old, NOW + 600), Err(TokenError::Expired));
+        assert!(v.forget_previous());
+        assert_eq!(v.verify_event(&old, NOW), Err(TokenError::Signature));
+        assert_eq!(v.verify_event(&new, NOW), Ok(()));
     }
 
     #[test]

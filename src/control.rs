@@ -15,8 +15,9 @@ use signal_hook_mio::v1_0::Signals;
 use std::io;
 
 /// How long the key in use before a reload keeps being accepted after it (seconds): long
-/// enough for seaf-server and seahub to be restarted with the new key.
-pub const KEY_GRACE_SECONDS: i64 = 300;
+/// enough for seaf-server and seahub to be restarted with the new key. Counted on the
+/// loop's monotonic clock.
+pub const KEY_GRACE_SECONDS: u64 = 300;
 
 /// How often the loop checks whether connections dropped enough to give memory back. A
 /// trim happens only after the count halved since the last one, so checking often costs
@@ -62,6 +63,8 @@ pub struct Control {
     /// Most connections since the last memory trim, and when to look again.
     peak_conns: usize,
     next_trim: Millis,
+    /// When the key before the last reload stops being accepted (monotonic).
+    previous_key_until: Option<Millis>,
 }
 
 impl Control {
@@ -75,6 +78,7 @@ impl Control {
             drain_deadline: None,
             peak_conns: 0,
             next_trim: 0,
+            previous_key_until: None,
         }
     }
 
@@ -186,6 +190,23 @@ impl Control {
             Some(DrainEnd::Deadline)
         } else {
             None
+        }
+    }
+
+    /// The key changed at `now`: the previous one is accepted for [`KEY_GRACE_SECONDS`]
+    /// more (a second change starts the count again, for the key it replaced).
+    pub fn key_rotated(&mut self, now: Millis) {
+        self.previous_key_until = Some(now + KEY_GRACE_SECONDS * 1000);
+    }
+
+    /// True once, when the previous key's grace is over.
+    pub fn previous_key_expired(&mut self, now: Millis) -> bool {
+        match self.previous_key_until {
+            Some(until) if now >= until => {
+                self.previous_key_until = None;
+                true
+            }
+            _ => false,
         }
     }
 

@@ -360,8 +360,8 @@ impl<L: Listen> Server<L> {
     /// old key stays valid for [`KEY_GRACE_SECONDS`]). Nothing is disconnected.
     fn apply_config(&mut self, new: Config) {
         if new.jwt_private_key != self.config.jwt_private_key {
-            self.verifier
-                .rotate(&new.jwt_private_key, self.now().unix + KEY_GRACE_SECONDS);
+            self.verifier.rotate(&new.jwt_private_key);
+            self.control.key_rotated(self.now().mono);
             log::info!("reload: new JWT key in use; the previous one is accepted for {KEY_GRACE_SECONDS} s");
         }
         for (_, conn) in self.conns.iter_mut() {

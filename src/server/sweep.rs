@@ -118,6 +118,9 @@ impl<L: Listen> Server<L> {
             self.accept_pause = None;
             self.accept(now, Listener::Public);
         }
+        if self.control.previous_key_expired(now) && self.verifier.forget_previous() {
+            log::info!("the JWT key before the last reload is no longer accepted");
+        }
         if self.control.trim_due(now, self.conns.len()) {
             self.conns.shrink_to_fit();
             self.subs.shrink();

@@ -159,7 +159,12 @@ impl Loop {
     /// POSTs an event on a connection of its own, which is answered and closed within
     /// the step that reads it.
     fn post(&mut self, body: &Value) {
-        let token = sign(Algorithm::HS256, &json!({"exp": NOW + 3600}), KEY);
+        self.post_signed(body, KEY);
+    }
+
+    /// [`Loop::post`] with a token signed with `key`.
+    fn post_signed(&mut self, body: &Value, key: &[u8]) {
+        let token = sign(Algorithm::HS256, &json!({"exp": NOW + 3600}), key);
         let body = body.to_string();
         let request = format!(
             "POST /events HTTP/1.1\r\nAuthorization: Token {token}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
@@ -368,4 +373,44 @@ fn kept_alive_pings_cost_no_registration_changes() {
     assert_eq!(l.stream(key).registrations, registrations, "no epoll_ctl per request");
     let out = String::from_utf8(std::mem::take(&mut l.stream(key).output)).unwrap();
     assert_eq!(out.matches("{\"ret\": \"pong\"}").count(), 201);
+}
+
+#[test]
+fn the_key_before_a_reload_is_accepted_for_five_minutes_of_the_loops_own_clock() {
+    // The scripted subscriber never answers pings: keep it for the whole grace.
+    let quiet = Config {
+        ping_interval: Duration::from_secs(600),
+        pong_timeout: Duration::from_secs(1200),
+        ..Config::default()
+    };
+    let mut l = Loop::new(quiet, None);
+    let sub = l.subscriber("u", &["r"]);
+    let event = |commit: &str| json!({"type": "repo-update", "content": {"repo_id": "r", "commit_id": commit}});
+    let new_key = b"the-next-key";
+    let config = Config {
+        jwt_private_key: new_key.to_vec(),
+        ..l.server.config.clone()
+    };
+    l.server.apply_config(config);
+    // NTP steps the wall clock back an hour: the grace must not stretch with it (nor
+    // would a step forward cut it short).
+    l.now.unix -= 3600;
+    l.post_signed(&event("new"), new_key);
+    l.post(&event("old, at once"));
+    l.advance(KEY_GRACE_SECONDS * 1000 - 300);
+    l.post(&event("old, just in time"));
+    l.advance(600);
+    l.post(&event("old, too late"));
+    l.post_signed(&event("new, later"), new_key);
+    let commits: Vec<String> = l
+        .texts(sub)
+        .iter()
+        .map(|t| {
+            serde_json::from_str::<Value>(t).unwrap()["content"]["commit_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(commits, ["new", "old, at once", "old, just in time", "new, later"]);
 }
