@@ -360,7 +360,7 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
     metric(
         "notification_ingest_waiting",
         "gauge",
-        "HTTP connections waiting to be read until the server takes events again (budget or pacing).",
+        "HTTP connections holding an /events request until the server takes events again (budget or pacing).",
         &one(g.ingest_waiting),
     );
     metric(

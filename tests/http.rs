@@ -1119,17 +1119,3 @@ fn pipelining_without_reading_answers_is_bounded() {
         "the server grew by {grown_kb} KiB while a client pipelined {sent} bytes of requests without reading"
     );
 }
-
-fn set_rcvbuf(s: &std::net::TcpStream, bytes: i32) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: setsockopt on a socket we own, with a pointer to a live i32.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &bytes as *const i32 as *const libc::c_void,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        );
-    }
-}

@@ -92,20 +92,6 @@ fn stalled(server: &Server, repo: &str, tiny: bool) -> tungstenite::WebSocket<Tc
     ws
 }
 
-fn set_rcvbuf(s: &TcpStream, bytes: i32) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: setsockopt on an open socket with a valid int.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &bytes as *const i32 as *const libc::c_void,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        );
-    }
-}
-
 /// Waits until `cond` holds on a fresh scrape; returns that scrape.
 fn wait_metrics(addr: &str, what: &str, cond: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + DEADLINE;

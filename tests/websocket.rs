@@ -402,19 +402,6 @@ fn output_unsent_for_too_long_evicts() {
     assert!(line.contains("write_timeout"), "{line}");
 }
 
-fn set_rcvbuf(s: &std::net::TcpStream, bytes: i32) {
-    use std::os::fd::AsRawFd;
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &bytes as *const i32 as *const libc::c_void,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        );
-    }
-}
-
 #[test]
 fn thousand_subscribers_all_receive() {
     let server = Server::start("");

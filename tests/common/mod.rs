@@ -352,6 +352,24 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// Shrinks a connected socket's receive buffer, so that a client that stops reading
+/// stalls the server's writes soon. Only for a socket meant to get stuck: the window it
+/// advertised before may exceed the new buffer, and the kernel then drops data and holds
+/// the socket's own sends back while it recovers (see [`connect_with_rcvbuf`]).
+pub fn set_rcvbuf(s: &TcpStream, bytes: i32) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live i32.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &bytes as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Like [`connect`], with the receive buffer set to `rcvbuf` bytes before the handshake,
 /// so the window the client advertises never promises more than it can hold. (Shrinking
 /// the buffer after connecting does not do that: the kernel then drops data the peer was
