@@ -160,8 +160,8 @@ impl<S: Stream> HttpConn<S> {
 
     /// The timers' verdict: a request not complete in time or an idle keep-alive that
     /// expired closes; so does an idle connection while the server drains.
-    /// A connection waiting for the server to take events again is not judged: its
-    /// request waits unread because of the server, not the client.
+    /// A connection holding an `/events` request is not judged: its request waits
+    /// unanswered because of the server, not the client.
     pub fn tick(&self, now: Millis, draining: bool) -> Option<CloseReason> {
         if self.holding_event && !draining {
             None
@@ -176,6 +176,7 @@ impl<S: Stream> HttpConn<S> {
 
     /// Reads what the socket has, answers every complete request in order and writes the
     /// answers.
+    ///
     /// A connection holding an `/events` request goes on from it only when the server
     /// takes events; until then a turn just writes what answers are left.
     pub fn on_ready(&mut self, ctx: &Ctx) -> HttpTurn {
