@@ -350,7 +350,7 @@ impl<L: Listen> Server<L> {
             match order {
                 Order::Exit => return Flow::Exit,
                 Order::Drain => self.begin_drain(now),
-                Order::Apply(config) => self.apply_config(*config),
+                Order::Apply(config) => self.apply_config(*config, now),
             }
         }
         Flow::Continue
@@ -358,10 +358,10 @@ impl<L: Listen> Server<L> {
 
     /// Applies a reloaded configuration: log level, limits, timeouts and the key (the
     /// old key stays valid for [`KEY_GRACE_SECONDS`]). Nothing is disconnected.
-    fn apply_config(&mut self, new: Config) {
+    fn apply_config(&mut self, new: Config, now: Millis) {
         if new.jwt_private_key != self.config.jwt_private_key {
             self.verifier.rotate(&new.jwt_private_key);
-            self.control.key_rotated(self.now().mono);
+            self.control.key_rotated(now);
             log::info!("reload: new JWT key in use; the previous one is accepted for {KEY_GRACE_SECONDS} s");
         }
         for (_, conn) in self.conns.iter_mut() {
