@@ -286,8 +286,15 @@ impl<L: Listen> Server<L> {
     /// How long the next poll may wait: not at all while output is queued or a
     /// connection still has unread input from a capped step; else until the sweep's next
     /// step.
+    /// Whether a turn has work without waiting for readiness: websockets left unread by
+    /// `max_messages_per_wakeup` or waiting in the flush queue. The loop then polls with
+    /// a zero timeout.
+    fn work_left(&self) -> bool {
+        !self.unread.is_empty() || !self.flush_queue.is_empty()
+    }
+
     fn poll_timeout(&self, now: Millis) -> Duration {
-        if !self.unread.is_empty() || !self.flush_queue.is_empty() {
+        if self.work_left() {
             Duration::ZERO
         } else {
             Duration::from_millis(self.sweep.wait(now, self.conns.len()))

@@ -180,7 +180,7 @@ impl Loop {
     /// everything; the loop's clock says the rest goes out at the same moment.
     fn settle(&mut self) {
         for _ in 0..10_000 {
-            if self.server.flush_queue.is_empty() && self.server.unread.is_empty() {
+            if !self.server.work_left() {
                 return;
             }
             self.step(&[]);

@@ -359,15 +359,16 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
 pub fn set_rcvbuf(s: &TcpStream, bytes: i32) {
     use std::os::fd::AsRawFd;
     // SAFETY: setsockopt on a socket we own, with a pointer to a live i32.
-    unsafe {
+    let set = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVBUF,
             &bytes as *const i32 as *const libc::c_void,
             std::mem::size_of::<i32>() as libc::socklen_t,
-        );
-    }
+        )
+    };
+    assert_eq!(set, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
 }
 
 /// Like [`connect`], with the receive buffer set to `rcvbuf` bytes before the handshake,
@@ -387,28 +388,22 @@ pub fn connect_with_rcvbuf(addr: SocketAddr, rcvbuf: i32) -> TcpStream {
         },
         sin_zero: [0; 8],
     };
-    // SAFETY: a new socket owned by the TcpStream made from it; setsockopt with a valid
-    // int; connect with a valid sockaddr_in of the given length.
+    // SAFETY: a new socket, owned from here on by the TcpStream made from it.
     let s = unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let s = TcpStream::from_raw_fd(fd);
-        let set = libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &rcvbuf as *const i32 as *const libc::c_void,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        );
-        assert_eq!(set, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
-        let rc = libc::connect(
-            fd,
+        TcpStream::from_raw_fd(fd)
+    };
+    set_rcvbuf(&s, rcvbuf);
+    // SAFETY: connect on that socket with a valid sockaddr_in of the given length.
+    let rc = unsafe {
+        libc::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
             &sin as *const libc::sockaddr_in as *const libc::sockaddr,
             std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
-        s
+        )
     };
+    assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     s.set_nodelay(true).unwrap();
     s
