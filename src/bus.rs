@@ -247,9 +247,27 @@ impl Bus {
         self.outbox.ready.notify_one();
     }
 
-    /// Events from the other instances that are ready, without blocking.
-    pub fn received(&self) -> impl Iterator<Item = Event> + '_ {
-        self.inbox.try_iter()
+    /// A bus with no threads and no Redis, and the sender that fills its inbox as the
+    /// subscriber thread would (for loop tests).
+    #[cfg(test)]
+    pub fn for_tests() -> (Bus, mpsc::SyncSender<Event>) {
+        let (inbox_tx, inbox) = mpsc::sync_channel(INBOX_CAPACITY);
+        let bus = Bus {
+            instance: "test-instance".into(),
+            outbox: Arc::new(Outbox {
+                queue: Mutex::new(VecDeque::new()),
+                ready: Condvar::new(),
+            }),
+            inbox,
+            stats: Arc::new(BusStats::default()),
+        };
+        (bus, inbox_tx)
+    }
+
+    /// The next event from the other instances, if one is ready, without blocking. The
+    /// loop takes them one at a time, as far as ingest is open (`server/ingest.rs`).
+    pub fn next_received(&self) -> Option<Event> {
+        self.inbox.try_recv().ok()
     }
 }
 

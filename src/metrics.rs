@@ -336,7 +336,7 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
     metric(
         "notification_output_bytes",
         "gauge",
-        "Memory held for unsent websocket output: shared frames, queue entries, control frames.",
+        "Memory held for delivery, what max_output_bytes bounds: unsent websocket output (shared frames, queue entries, replies, control frames) and events held for a group lookup or released and not yet fanned out.",
         &one(g.output_bytes),
     );
     metric(

@@ -483,6 +483,8 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
         stream.input.push_back(chunk.to_vec());
         stream.write_room = turn.room;
         stream.eof |= eof_at_end && i >= final_from;
+        // Loop turns are numbered from 1 (turn 0 is the connection's first budget).
+        ws.begin_turn(i as u64 + 1, config.max_messages_per_wakeup);
         if ws_turn(
             &mut ws,
             turn,
@@ -560,9 +562,15 @@ fn ws_turn(
             Sent::Evict(_) => Err(()),
         }
     };
-    for _ in 0..config.max_messages_per_wakeup {
+    // The connection's budget for the turn (frames, entries, bytes) ends the reading.
+    loop {
         match ws.read_one(now, close_by) {
             WsRead::Msg(ClientMsg::Subscribe(repos)) => {
+                if repos.len() > config.max_repos_per_connection {
+                    // Refused whole (Close 1008) before any entry is looked at.
+                    return Err(());
+                }
+                ws.spend_entries(repos.len());
                 for (repo_id, token) in repos {
                     match verifier.verify_client(&token, &repo_id, NOW) {
                         Ok(grant) => assert!(grant.exp > NOW, "granted until {} <= now", grant.exp),
@@ -574,7 +582,7 @@ fn ws_turn(
                     }
                 }
             }
-            WsRead::Msg(ClientMsg::Unsubscribe(_)) => {}
+            WsRead::Msg(ClientMsg::Unsubscribe(_)) | WsRead::Control => {}
             WsRead::Drained => break,
             WsRead::Close(_) => return Err(()),
         }
@@ -605,12 +613,19 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 // ---------------------------------------------------------------------------------------
 // client_msg and event_body: the JSON parsers.
 
-/// `ws::parse_client` on a frame payload: only JSON objects are ever accepted, and every
-/// repo id it returns can be echoed back in a valid `jwt-expired` message.
+/// `ws::parse_client` on a frame payload: only JSON objects are ever accepted, never
+/// more entries than the cap, and every repo id it returns can be echoed back in a valid
+/// `jwt-expired` message.
 pub fn client_msg(data: &[u8]) {
-    let Ok(msg) = ws::parse_client(data) else {
+    const CAP: usize = 8;
+    let Ok(msg) = ws::parse_client(data, CAP) else {
         return;
     };
+    assert!(
+        msg.entries() <= CAP,
+        "{} entries accepted over a cap of {CAP}",
+        msg.entries()
+    );
     assert!(is_json_object(data), "accepted a message that is not a JSON object");
     let ids: Vec<&String> = match &msg {
         ClientMsg::Subscribe(repos) => repos.iter().map(|(id, _)| id).collect(),

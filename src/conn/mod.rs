@@ -20,7 +20,7 @@ mod ws;
 
 pub use http::{HttpConn, HttpStep, HttpTally, HttpTurn, MAX_PENDING_OUTPUT};
 pub use out::{ENTRY_BYTES, Frame, Meter};
-pub use ws::{Due, Sent, WsConn, WsRead};
+pub use ws::{Due, ENTRIES_PER_TURN, READ_BYTES_PER_TURN, Sent, WsConn, WsRead};
 
 use crate::config::Config;
 use std::io::{self, Read, Write};
@@ -80,6 +80,9 @@ pub enum CloseReason {
     CloseHandshake,
     /// Server shutdown.
     Shutdown,
+    /// At `max_connections`, a websocket subscribed to nothing (the oldest such) gave its
+    /// slot to a new connection.
+    IdleAtCapacity,
     /// An I/O error other than the peer going away.
     Io(io::ErrorKind),
 }
@@ -99,6 +102,7 @@ impl CloseReason {
             CloseReason::Protocol(_) => "protocol",
             CloseReason::CloseHandshake => "close_handshake",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::IdleAtCapacity => "idle_at_capacity",
             CloseReason::Io(_) => "io_error",
         }
     }
@@ -142,6 +146,9 @@ impl std::fmt::Display for CloseReason {
             CloseReason::Protocol(why) => write!(f, "protocol error: {why}"),
             CloseReason::CloseHandshake => f.write_str("close handshake finished or timed out"),
             CloseReason::Shutdown => f.write_str("server shutting down"),
+            CloseReason::IdleAtCapacity => {
+                f.write_str("at max_connections: subscribed to nothing, the oldest such websocket gave up its slot")
+            }
             CloseReason::Io(kind) => write!(f, "I/O error: {kind}"),
         }
     }

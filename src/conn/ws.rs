@@ -19,16 +19,30 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocket};
 use tungstenite::{Message, Utf8Bytes};
 
-/// tungstenite's side of the socket: reads go to the real stream, writes are queued in
-/// order with the connection's other output and never block.
+/// tungstenite's side of the socket: reads go to the real stream, up to the bytes this
+/// loop turn still allows the connection; writes are queued in order with the
+/// connection's other output and never block.
 pub struct Tap<S> {
     stream: S,
     out: OutQueue,
+    /// Bytes this connection may still read in the current loop turn. At 0 the Tap
+    /// answers `WouldBlock` without asking the socket, and tungstenite keeps any partial
+    /// frame for the next turn.
+    allowance: usize,
+    /// The allowance ran out: input may be left, and no edge will announce it.
+    throttled: bool,
 }
 
 impl<S: Read> Read for Tap<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.read(buf)
+        if self.allowance == 0 {
+            self.throttled = true;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let room = buf.len().min(self.allowance);
+        let n = self.stream.read(buf.get_mut(..room).unwrap_or_default())?;
+        self.allowance -= n;
+        Ok(n)
     }
 }
 
@@ -46,12 +60,42 @@ impl<S> Write for Tap<S> {
 /// Longest close reason sent: a control frame holds 125 bytes, 2 of them the code.
 const MAX_CLOSE_REASON: usize = 120;
 
+/// Most bytes read from one websocket in one loop turn. A 256 KiB message of 87,000
+/// subscribe entries took 1 ms to parse and came 64 to a turn: one connection held the
+/// loop, and everybody's pings and `/ping`, for 64 ms. A message larger than this is
+/// read over several turns (tungstenite keeps the partial frame).
+pub const READ_BYTES_PER_TURN: usize = 64 * 1024;
+
+/// Most subscribe or unsubscribe entries acted on for one websocket in one loop turn
+/// (each is a token check and maybe a reply); the message that crosses it is still
+/// handled whole, and a message lists at most `max_repos_per_connection`.
+pub const ENTRIES_PER_TURN: usize = 1024;
+
+/// What one connection may still take in the current loop turn (besides the bytes,
+/// which the [`Tap`] counts).
+#[derive(Debug, Clone, Copy)]
+struct TurnBudget {
+    /// The loop turn this budget belongs to; a new turn starts a fresh budget.
+    turn: u64,
+    /// Frames left: client messages and control frames alike (a flood of pings costs a
+    /// read and a pong each, like a message).
+    frames: usize,
+    entries: usize,
+    /// Bytes of client messages parsed in this turn (the cost of a 256 KiB message is its
+    /// parse, whichever turn its bytes were read in).
+    parsed: usize,
+}
+
 /// What one websocket read produced.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WsRead {
     /// A client message for the server to act on.
     Msg(ClientMsg),
-    /// Nothing more to read for now.
+    /// A control frame (ping, pong) was read and answered, or a bad message started our
+    /// close: nothing to act on, and more may follow.
+    Control,
+    /// Nothing more to read for now, or this turn's budget is spent (see
+    /// [`WsConn::throttled`]).
     Drained,
     /// Tear the connection down.
     Close(CloseReason),
@@ -89,6 +133,8 @@ pub struct WsConn<S = crate::socket::Socket> {
     ws: WebSocket<Tap<S>>,
     /// `max_unsent_bytes`: the most output a client that stopped reading may leave queued.
     max_unsent: usize,
+    /// `max_repos_per_connection`: a message listing more is refused whole.
+    max_repos: usize,
     peer: SocketAddr,
     forwarded_for: Option<Box<str>>,
     /// Last time any frame (or any byte) came in.
@@ -101,6 +147,13 @@ pub struct WsConn<S = crate::socket::Socket> {
     close_deadline: Option<Millis>,
     /// On the reactor's flush queue.
     queued: bool,
+    /// On the reactor's list of connections to read again without an edge.
+    unread: bool,
+    /// Which websocket this is, over the server's life (slab keys are reused): how the
+    /// reactor's list of websockets by age tells a live entry from a stale one.
+    serial: u64,
+    /// What it may still take in this loop turn.
+    budget: TurnBudget,
     interest: Interest,
 }
 
@@ -121,11 +174,14 @@ impl<S: Stream> WsConn<S> {
         let tap = Tap {
             stream,
             out: OutQueue::new(meter.clone()),
+            allowance: READ_BYTES_PER_TURN,
+            throttled: false,
         };
         let ws = WebSocket::from_partially_read(tap, read_ahead, Role::Server, Some(ws::socket_config(config)));
         WsConn {
             ws,
             max_unsent: config.max_unsent_bytes,
+            max_repos: config.max_repos_per_connection,
             peer,
             forwarded_for,
             last_heard: now,
@@ -133,6 +189,15 @@ impl<S: Stream> WsConn<S> {
             unsent_since: None,
             close_deadline: None,
             queued: false,
+            unread: false,
+            serial: 0,
+            // Turn 0 is before the reactor's first; it starts a fresh budget each turn.
+            budget: TurnBudget {
+                turn: 0,
+                frames: config.max_messages_per_wakeup,
+                entries: ENTRIES_PER_TURN,
+                parsed: 0,
+            },
             interest,
         }
     }
@@ -159,6 +224,7 @@ impl<S: Stream> WsConn<S> {
         let ws_config = ws::socket_config(config);
         self.ws.set_config(|c| *c = ws_config);
         self.max_unsent = config.max_unsent_bytes;
+        self.max_repos = config.max_repos_per_connection;
     }
 
     /// Whether our Close frame is out.
@@ -175,6 +241,57 @@ impl<S: Stream> WsConn<S> {
     /// queue its key).
     pub fn mark_queued(&mut self) -> bool {
         !std::mem::replace(&mut self.queued, true)
+    }
+
+    /// Puts it on the list of connections to read again without an edge; true if it was
+    /// not there yet (the reactor must then list its key). Once per connection, however
+    /// often it is read in a turn: a listed connection read again through its own
+    /// readiness used to be listed twice, and got twice its share of every later turn.
+    pub fn mark_unread(&mut self) -> bool {
+        !std::mem::replace(&mut self.unread, true)
+    }
+
+    /// Numbers it (see `serial`).
+    pub fn set_serial(&mut self, serial: u64) {
+        self.serial = serial;
+    }
+
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// Takes it off that list (the reactor is about to read it).
+    pub fn clear_unread(&mut self) {
+        self.unread = false;
+    }
+
+    /// Starts loop turn `turn` for this connection, if it has not started yet: a fresh
+    /// budget of frames, entries and bytes. Reading twice in one turn (through readiness
+    /// and through the unread list) shares one budget.
+    pub fn begin_turn(&mut self, turn: u64, frames: usize) {
+        if self.budget.turn == turn {
+            return;
+        }
+        self.budget = TurnBudget {
+            turn,
+            frames,
+            entries: ENTRIES_PER_TURN,
+            parsed: 0,
+        };
+        let tap = self.ws.get_mut();
+        tap.allowance = READ_BYTES_PER_TURN;
+        tap.throttled = false;
+    }
+
+    /// Bytes of client messages parsed in this turn so far.
+    pub fn parsed_this_turn(&self) -> usize {
+        self.budget.parsed
+    }
+
+    /// Whether this turn's budget is spent while input may be left: the reactor must
+    /// come back to it next turn, since no edge will.
+    pub fn throttled(&self) -> bool {
+        self.budget.frames == 0 || self.budget.entries == 0 || self.ws.get_ref().throttled
     }
 
     /// Whether output is stuck in the socket (WRITABLE is registered while it is).
@@ -241,37 +358,42 @@ impl<S: Stream> WsConn<S> {
         self.next_ping = now;
     }
 
-    /// Reads one client message, answering pings and Close frames on the way.
-    /// `close_by` is the deadline for the peer's answer should we start a close here.
+    /// Reads one frame's worth: a client message, or a control frame answered on the way,
+    /// within this turn's budget (see [`Self::begin_turn`]). `close_by` is the deadline
+    /// for the peer's answer should we start a close here.
     pub fn read_one(&mut self, now: Millis, close_by: Millis) -> WsRead {
+        if self.budget.frames == 0 || self.budget.entries == 0 {
+            return WsRead::Drained;
+        }
         loop {
             match self.ws.read() {
                 Ok(msg) => {
                     self.last_heard = now;
-                    match msg {
+                    self.budget.frames -= 1;
+                    return match msg {
                         Message::Text(_) | Message::Binary(_) if self.close_deadline.is_some() => {
                             // Closing: data is read and dropped until the peer's Close.
+                            WsRead::Control
                         }
-                        Message::Text(t) => return self.client_message(t.as_bytes(), close_by),
-                        Message::Binary(b) => return self.client_message(&b, close_by),
-                        // tungstenite queued the pong; the server flushes after reading.
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                        Message::Text(t) => self.client_message(t.as_bytes(), close_by),
+                        Message::Binary(b) => self.client_message(&b, close_by),
+                        // tungstenite owes a pong: queued now, and judged like a reply.
+                        Message::Ping(_) => self.queue_owed(),
+                        Message::Pong(_) | Message::Frame(_) => WsRead::Control,
                         Message::Close(_) => {
                             // tungstenite queued the echo (or this answers ours): send it, close.
                             let _ = self.ws.flush();
                             self.write_last();
-                            return WsRead::Close(self.closed_reason());
+                            WsRead::Close(self.closed_reason())
                         }
-                    }
+                    };
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Pongs for what was read are queued now, not at the next read.
-                    let _ = self.ws.flush();
-                    if self.unsent() > self.max_unsent && self.unsent_since.is_some() {
-                        // Pings answered faster than the client reads the pongs.
-                        return WsRead::Close(CloseReason::SlowConsumerBytes);
-                    }
-                    return WsRead::Drained;
+                    return match self.queue_owed() {
+                        WsRead::Control => WsRead::Drained,
+                        close => close,
+                    };
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(tungstenite::Error::Io(e)) => return WsRead::Close(CloseReason::from_io(&e)),
@@ -292,6 +414,23 @@ impl<S: Stream> WsConn<S> {
         }
     }
 
+    /// Queues what tungstenite owes the client (a pong), and judges it as a reply: the
+    /// client's own traffic may not leave more than `max_unsent_bytes` queued, whether or
+    /// not its socket is full yet.
+    fn queue_owed(&mut self) -> WsRead {
+        let _ = self.ws.flush();
+        if self.unsent() > self.max_unsent {
+            // Pings answered faster than the client reads the pongs.
+            return WsRead::Close(CloseReason::SlowConsumerBytes);
+        }
+        WsRead::Control
+    }
+
+    /// Spends `n` entries of this turn's budget (a subscribe or unsubscribe list).
+    pub fn spend_entries(&mut self, n: usize) {
+        self.budget.entries = self.budget.entries.saturating_sub(n);
+    }
+
     /// The connection ended in a close handshake: ours if we started it, else the peer's.
     fn closed_reason(&self) -> CloseReason {
         if self.close_deadline.is_some() {
@@ -302,12 +441,24 @@ impl<S: Stream> WsConn<S> {
     }
 
     fn client_message(&mut self, payload: &[u8], close_by: Millis) -> WsRead {
-        match ws::parse_client(payload) {
+        self.budget.parsed += payload.len();
+        match ws::parse_client(payload, self.max_repos) {
             Ok(msg) => WsRead::Msg(msg),
-            Err(why) => {
-                // The socket is still in sync: close politely and wait for the answer.
+            Err(ws::BadMessage::TooManyRepos) => {
+                log::debug!(
+                    "websocket {} listed more than max_repos_per_connection ({}) libraries: closing",
+                    self.peer,
+                    self.max_repos
+                );
+                self.start_close(CloseCode::Policy, "too many subscriptions", close_by);
+                WsRead::Control
+            }
+            Err(ws::BadMessage::Invalid(why)) => {
+                // The socket is still in sync: close politely and wait for the answer. Go
+                // on reading: the peer's Close may already be buffered behind this
+                // message, and no edge would announce it before `close_timeout`.
                 self.start_close(CloseCode::Unsupported, why, close_by);
-                WsRead::Drained
+                WsRead::Control
             }
         }
     }
@@ -369,8 +520,14 @@ impl<S: Stream> WsConn<S> {
         }
     }
 
-    /// Queues a text message of this connection's own (a `jwt-expired` reply).
+    /// Queues a text message of this connection's own (a `jwt-expired` reply). Unlike
+    /// an event, a reply is caused by the client itself, so it is held to
+    /// `max_unsent_bytes` when it is queued, not only once the socket is full: a client
+    /// that sends subscribes and never reads is a slow consumer of its own replies.
     pub fn send_text(&mut self, payload: &str, now: Millis) -> Sent {
+        if self.close_deadline.is_none() && self.unsent() + payload.len() > self.max_unsent {
+            return Sent::Evict(CloseReason::SlowConsumerBytes);
+        }
         let frame = Frame::text(payload.as_bytes(), self.ws.get_ref().out.meter());
         self.send(&frame, now)
     }

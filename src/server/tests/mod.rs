@@ -1,6 +1,9 @@
 //! Loop-level tests: the real reactor, stepped with a fake clock over scripted sockets
 //! (accepted from a scripted listener), with real tokens and, for groups, a real SQLite
-//! group database behind the real lookup helper.
+//! group database behind the real lookup helper. `bounds.rs` holds the tests of what
+//! one turn may take and hold (issues "hostile" and "bounds").
+
+mod bounds;
 
 use super::*;
 use crate::auth::tests::sign;
@@ -16,6 +19,8 @@ const KEY: &[u8] = b"loop-test-key";
 #[derive(Default)]
 struct ScriptedListener {
     waiting: RefCell<VecDeque<ScriptedStream>>,
+    /// The next accept fails with EMFILE, as when descriptors run out.
+    emfile_once: std::cell::Cell<bool>,
 }
 
 impl mio::event::Source for ScriptedListener {
@@ -33,6 +38,9 @@ impl mio::event::Source for ScriptedListener {
 impl Listen for ScriptedListener {
     type Stream = ScriptedStream;
     fn accept(&self) -> io::Result<(ScriptedStream, SocketAddr)> {
+        if self.emfile_once.replace(false) {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
         match self.waiting.borrow_mut().pop_front() {
             Some(stream) => Ok((stream, peer())),
             None => Err(io::ErrorKind::WouldBlock.into()),
