@@ -483,7 +483,9 @@ impl<L: Listen> Server<L> {
             accept_paused: self.accept_pause.is_some(),
             draining: self.control.draining(),
             group_database: self.lookups.is_some(),
-            resident_bytes: metrics::resident_bytes(),
+            max_connections: self.config.max_connections as u64,
+            max_output_bytes: self.config.max_output_bytes as u64,
+            process: crate::process_stats::ProcessStats::read(),
             bus: self.bus.as_ref().map(Bus::gauges),
             ..Gauges::default()
         };
