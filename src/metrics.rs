@@ -92,6 +92,8 @@ pub struct Stats {
     events: [u64; 4],
     pub events_ignored: u64,
     pub events_invalid: u64,
+    /// `/events` requests refused because the sender is not in `events_allow`.
+    pub events_forbidden: u64,
     pub deliveries: u64,
     /// Times unsent output reached `max_output_bytes` and ingest paused.
     pub output_budget_hits: u64,
@@ -111,6 +113,7 @@ impl Default for Stats {
             events: [0; 4],
             events_ignored: 0,
             events_invalid: 0,
+            events_forbidden: 0,
             deliveries: 0,
             output_budget_hits: 0,
             event_token_rejections: [0; 8],
@@ -259,10 +262,11 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
     metric(
         "notification_events_refused_total",
         "counter",
-        "Event bodies answered without delivery: ignored (200: unknown type, bad content) or invalid (500).",
+        "/events requests answered without delivery: ignored (200: unknown type, bad content), invalid (500), forbidden (403: sender not in events_allow). Bad tokens are in notification_token_rejections_total.",
         &[
             ("{outcome=\"ignored\"}".into(), s.events_ignored.to_string()),
             ("{outcome=\"invalid\"}".into(), s.events_invalid.to_string()),
+            ("{outcome=\"forbidden\"}".into(), s.events_forbidden.to_string()),
         ],
     );
     metric(
@@ -465,6 +469,7 @@ mod tests {
         s.event(Kind::RepoUpdate);
         s.event(Kind::RepoUpdate);
         s.client_token_rejected(TokenError::Expired);
+        s.events_forbidden = 4;
         s.closed("pong_timeout");
         s.turn(0.0001);
         s.turn(2.0);
@@ -477,6 +482,7 @@ mod tests {
         assert!(text.contains("notification_events_received_total{type=\"repo-update\"} 2\n"));
         assert!(text.contains("notification_token_rejections_total{token=\"client\",cause=\"expired\"} 1\n"));
         assert!(text.contains("notification_closes_total{reason=\"pong_timeout\"} 1\n"));
+        assert!(text.contains("notification_events_refused_total{outcome=\"forbidden\"} 4\n"));
         assert!(text.contains("notification_loop_turn_seconds_bucket{le=\"0.0002\"} 1\n"));
         assert!(text.contains("notification_loop_turn_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(text.contains("# TYPE notification_deliveries_total counter\n"));

@@ -497,3 +497,69 @@ fn metric_names_are_found_in_expressions() {
     assert!(scrape_has(scrape, "notification_repos_total"));
     assert!(!scrape_has(scrape, "notification_repo"));
 }
+
+/// The process metrics describe the server process itself: its descriptors (a new
+/// connection shows), its limit and the cap derived from it, its start time, its memory
+/// and CPU.
+#[test]
+fn process_metrics_describe_the_server() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let before = unix_now();
+    let server = Server::start_with_nofile(&format!("metrics_listen = {metrics_addr}"), 500, 600);
+    let after = unix_now();
+    let scrape = || {
+        request(
+            metrics_addr.parse().unwrap(),
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .text()
+    };
+    let first = scrape();
+    // The server raised its soft limit to the hard one at start, and derived its cap.
+    assert_eq!(metric_value(&first, "process_max_fds"), 600.0);
+    assert_eq!(metric_value(&first, "notification_max_connections"), 536.0);
+    let started = metric_value(&first, "process_start_time_seconds");
+    assert!(
+        started >= (before - 1) as f64 && started <= (after + 1) as f64,
+        "started {started}, launched between {before} and {after}"
+    );
+    let rss = metric_value(&first, "process_resident_memory_bytes");
+    let kb = server.rss_kb() as f64;
+    assert!(
+        (rss / 1024.0 - kb).abs() < kb / 4.0,
+        "resident {rss} bytes, /proc says {kb} KiB"
+    );
+    assert!(metric_value(&first, "process_virtual_memory_bytes") >= rss);
+    assert!(metric_value(&first, "process_cpu_seconds_total") >= 0.0);
+    // Ten more connections are ten more descriptors (the server holds them open).
+    let fds = metric_value(&first, "process_open_fds");
+    let open: Vec<Ws> = (0..10).map(|_| server.ws()).collect();
+    let more = metric_value(&scrape(), "process_open_fds");
+    assert_eq!(more - fds, 10.0, "{fds} -> {more} with {} websockets", open.len());
+}
+
+/// A sender outside `events_allow` is counted as a refused `/events` request, which the
+/// events-refused alert and panel read.
+#[test]
+fn events_from_outside_events_allow_are_counted() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let server = Server::start(&format!("metrics_listen = {metrics_addr}\nevents_allow = 10.0.0.0/8"));
+    let body = repo_update("lib", "c").to_string();
+    for _ in 0..2 {
+        let r = post_event(server.addr, &body, Some(&format!("Token {}", event_token())));
+        assert_eq!(r.status, 403, "{r:?}");
+    }
+    let scrape = request(
+        metrics_addr.parse().unwrap(),
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .text();
+    assert_eq!(
+        metric_value(&scrape, "notification_events_refused_total{outcome=\"forbidden\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric_value(&scrape, "notification_events_received_total{type=\"repo-update\"}"),
+        0.0
+    );
+}

@@ -452,6 +452,7 @@ impl<L: Listen> Server<L> {
         self.stats.http_requests += turn.tally.requests;
         self.stats.events_ignored += turn.tally.events_ignored;
         self.stats.events_invalid += turn.tally.events_invalid;
+        self.stats.events_forbidden += turn.tally.events_forbidden;
         for e in turn.tally.token_rejections {
             self.stats.event_token_rejected(e);
         }
