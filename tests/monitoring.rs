@@ -310,6 +310,41 @@ fn dashboard_exprs(dash: &Value) -> Vec<String> {
     out
 }
 
+/// What Grafana needs to import the dashboard on any Prometheus: a data-source variable
+/// `DS_PROMETHEUS` that every panel and query uses (no data source of the author's
+/// Grafana), unique panel ids, panels inside the 24-column grid.
+fn check_importable(dash: &Value) {
+    let vars = dash["templating"]["list"].as_array().expect("no templating list");
+    assert!(
+        vars.iter()
+            .any(|v| v["name"] == "DS_PROMETHEUS" && v["type"] == "datasource" && v["query"] == "prometheus"),
+        "no Prometheus data-source variable DS_PROMETHEUS: {vars:#?}"
+    );
+    let ds = serde_json::json!({"type": "prometheus", "uid": "${DS_PROMETHEUS}"});
+    let mut ids = BTreeSet::new();
+    let mut stack: Vec<&Value> = dash["panels"].as_array().expect("no panels").iter().collect();
+    while let Some(p) = stack.pop() {
+        let title = &p["title"];
+        assert!(
+            ids.insert(p["id"].as_u64().expect("a panel without id")),
+            "duplicate id: {title}"
+        );
+        let grid = &p["gridPos"];
+        let (x, w) = (grid["x"].as_u64().unwrap(), grid["w"].as_u64().unwrap());
+        assert!(x + w <= 24 && grid["h"].as_u64().unwrap() > 0, "{title}: {grid}");
+        if p["type"] != "row" {
+            assert_eq!(p["datasource"], ds, "{title}");
+            for t in p["targets"].as_array().expect("a panel without targets") {
+                assert_eq!(t["datasource"], ds, "{title}");
+            }
+        }
+        stack.extend(p["panels"].as_array().into_iter().flatten());
+    }
+    for v in vars.iter().filter(|v| v["type"] == "query") {
+        assert_eq!(v["datasource"], ds, "variable {}", v["name"]);
+    }
+}
+
 /// Whether a query result holds at least one number (NaN, from a quantile over no
 /// observations, is no data).
 fn has_data(result: &[Value]) -> bool {
@@ -386,6 +421,7 @@ fn dashboard_and_alerts_work_on_a_real_prometheus() {
     // Every dashboard expression returns data, with Grafana's variables set to this
     // server and a rate window of a few scrapes.
     let dash: Value = serde_json::from_str(&read_example("dashboard.json")).expect("dashboard.json is not JSON");
+    check_importable(&dash);
     let exprs = dashboard_exprs(&dash);
     assert!(exprs.len() >= 20, "only {} expressions in the dashboard", exprs.len());
     let concrete = |e: &str| {
