@@ -8,6 +8,7 @@
 //! - [`config`]: every setting, its default, seafile.conf and environment, validation;
 //! - [`logging`]: the official log line format, log file, SIGUSR1 reopen;
 //! - [`metrics`]: counters, gauges and their Prometheus rendering;
+//! - [`process_stats`]: the standard `process_*` metrics, read from /proc at scrape time;
 //! - [`sdnotify`]: systemd readiness, stopping, reloading and watchdog messages;
 //! - [`control`]: signals, reload, drain, watchdog, memory trim;
 //! - [`server`]: the reactor: accept, dispatch, sweep, ingest, fan-out, flush, teardown;
@@ -46,6 +47,7 @@ pub mod http;
 pub mod lenient;
 pub mod logging;
 pub mod metrics;
+pub mod process_stats;
 #[cfg(test)]
 mod scripted;
 pub mod sdnotify;

@@ -38,6 +38,7 @@ pub struct HttpTally {
     pub token_rejections: Vec<TokenError>,
     pub events_ignored: u64,
     pub events_invalid: u64,
+    pub events_forbidden: u64,
 }
 
 impl HttpTally {
@@ -46,6 +47,7 @@ impl HttpTally {
             Some(Count::EventTokenRejected(e)) => self.token_rejections.push(e),
             Some(Count::EventIgnored) => self.events_ignored += 1,
             Some(Count::EventInvalid) => self.events_invalid += 1,
+            Some(Count::EventForbidden) => self.events_forbidden += 1,
             None => {}
         }
     }

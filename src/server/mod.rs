@@ -489,6 +489,7 @@ impl<L: Listen> Server<L> {
         self.stats.http_requests += turn.tally.requests;
         self.stats.events_ignored += turn.tally.events_ignored;
         self.stats.events_invalid += turn.tally.events_invalid;
+        self.stats.events_forbidden += turn.tally.events_forbidden;
         for e in turn.tally.token_rejections {
             self.stats.event_token_rejected(e);
         }
@@ -520,7 +521,9 @@ impl<L: Listen> Server<L> {
             accept_paused: self.accept_pause.is_some(),
             draining: self.control.draining(),
             group_database: self.lookups.is_some(),
-            resident_bytes: metrics::resident_bytes(),
+            max_connections: self.config.max_connections as u64,
+            max_output_bytes: self.config.max_output_bytes as u64,
+            process: crate::process_stats::ProcessStats::read(),
             bus: self.bus.as_ref().map(Bus::gauges),
             ..Gauges::default()
         };
