@@ -306,3 +306,74 @@ fn websockets_that_subscribe_to_nothing_give_up_their_slots_at_the_cap() {
         "a younger idle websocket was closed"
     );
 }
+
+#[test]
+fn the_read_buffer_a_large_message_took_is_given_back() {
+    let server = Server::start("ping_interval = 30\npong_timeout = 60\nlog_level = info");
+    let base_kb = server.rss_kb();
+    // 100 websockets each send one message of nearly 256 KiB that asks for nothing back
+    // (an unsubscribe of 1000 long ids), then stay connected. tungstenite reserves each
+    // frame's length in the connection's read buffer and kept it: 25 MB held for good.
+    let message = json!({"type": "unsubscribe", "content": {"repos": vec!["r".repeat(250); 1000]}})
+        .to_string()
+        .into_bytes();
+    assert!(message.len() > 250_000);
+    let mut clients: Vec<RawWs> = (0..100).map(|_| RawWs::connect(&server)).collect();
+    let sync = json!({"type": "subscribe", "content": {"repos": [{"id": "sync", "jwt_token": "x"}]}}).to_string();
+    for c in &mut clients {
+        c.send(0x1, &message);
+        c.send(0x1, sync.as_bytes());
+    }
+    // The reply to the message after it says the large one was read.
+    for c in &mut clients {
+        c.s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let (_, reply) = c.data_frame().expect("the sync reply");
+        assert!(String::from_utf8_lossy(&reply).contains("jwt-expired"));
+    }
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let grown = server.rss_kb().saturating_sub(base_kb);
+        if grown < 8 * 1024 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "RSS stays {grown} KiB above where it was, with 100 idle websockets"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.assert_alive();
+    drop(clients);
+}
+
+#[test]
+fn unfinished_large_messages_are_held_to_a_quarter_of_the_budget() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let server = Server::start(&format!(
+        "metrics_listen = {metrics}\nmax_output_bytes = 4194304\nping_interval = 30\npong_timeout = 60\nlog_level = info"
+    ));
+    let base_kb = server.rss_kb();
+    // 150 websockets each start a 256 KiB message and never finish it: tungstenite holds
+    // what came of each (37 MB) for as long as the client likes.
+    let mut head = vec![0x81, 0x80 | 127];
+    head.extend_from_slice(&(256u64 * 1024 - 16).to_be_bytes());
+    head.extend_from_slice(&[1, 2, 3, 4]);
+    let body = vec![b' '; 250 * 1024];
+    let clients: Vec<RawWs> = (0..150)
+        .map(|_| {
+            let mut c = RawWs::connect(&server);
+            c.s.write_all(&head).unwrap();
+            let _ = c.s.write_all(&body);
+            c
+        })
+        .collect();
+    // Past 1 MiB of unfinished messages, the connection that grows them is closed (1013).
+    let closed = wait_metric(&metrics, "notification_closes_total{reason=\"protocol\"}", 140.0);
+    let grown = server.rss_kb().saturating_sub(base_kb);
+    assert!(
+        grown < 16 * 1024,
+        "RSS grew {grown} KiB for unfinished messages ({closed} closed)"
+    );
+    server.assert_alive();
+    drop(clients);
+}

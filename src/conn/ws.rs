@@ -16,7 +16,7 @@ use crate::ws::{self, ClientMsg};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, Role, WebSocket};
+use tungstenite::protocol::{CloseFrame, Role, WebSocketContext};
 use tungstenite::{Message, Utf8Bytes};
 
 /// tungstenite's side of the socket: reads go to the real stream, up to the bytes this
@@ -31,6 +31,20 @@ pub struct Tap<S> {
     allowance: usize,
     /// The allowance ran out: input may be left, and no edge will announce it.
     throttled: bool,
+    /// Where the bytes handed to tungstenite stand relative to the client's frames.
+    scan: FrameScan,
+    /// Past this many bytes of unfinished client messages over every websocket, a
+    /// connection whose own unfinished message is larger than [`KEEP_READ_BUFFER`] is
+    /// closed (a quarter of `max_output_bytes`).
+    input_budget: usize,
+    /// This connection's unfinished message took input past the budget.
+    over_input: bool,
+}
+
+impl<S> Drop for Tap<S> {
+    fn drop(&mut self) {
+        self.out.meter().move_input(self.scan.partial, 0);
+    }
 }
 
 impl<S: Read> Read for Tap<S> {
@@ -42,6 +56,14 @@ impl<S: Read> Read for Tap<S> {
         let room = buf.len().min(self.allowance);
         let n = self.stream.read(buf.get_mut(..room).unwrap_or_default())?;
         self.allowance -= n;
+        let before = self.scan.partial;
+        self.scan.feed(buf.get(..n).unwrap_or_default());
+        let meter = self.out.meter();
+        meter.move_input(before, self.scan.partial);
+        if meter.input() > self.input_budget && self.scan.partial as u64 > KEEP_READ_BUFFER {
+            self.over_input = true;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         Ok(n)
     }
 }
@@ -56,6 +78,114 @@ impl<S> Write for Tap<S> {
         Ok(())
     }
 }
+
+/// Follows the client's frames through the bytes handed to tungstenite, so that the
+/// connection knows when tungstenite holds none of them (every frame handed was read
+/// back as a message, and none is half handed). tungstenite reserves a whole frame's
+/// length in its read buffer and keeps that allocation for the connection's life: one
+/// 256 KiB message from each of 4,000 idle websockets held 1 GB. Knowing that the buffer
+/// is empty lets the connection start a fresh one after a large message.
+#[derive(Debug, Default)]
+struct FrameScan {
+    /// The current frame's header bytes seen so far (at most 14).
+    head: [u8; 14],
+    head_len: usize,
+    /// Payload bytes of the current frame not handed yet; `None` while in the header.
+    payload_left: Option<u64>,
+    /// Frames that end a message (control frames, final data frames) handed in full.
+    units: u64,
+    /// A data frame without FIN was handed: a fragmented message is under way.
+    in_message: bool,
+    /// The largest frame handed since the last fresh buffer.
+    largest: u64,
+    /// Bytes handed since the last frame that ended a message: the unfinished message
+    /// tungstenite holds (what the input budget counts).
+    partial: usize,
+}
+
+impl FrameScan {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while let Some((&first, rest)) = bytes.split_first() {
+            if let Some(left) = self.payload_left {
+                let take = left.min(bytes.len() as u64);
+                self.partial += take as usize;
+                bytes = bytes.get(take as usize..).unwrap_or_default();
+                self.payload_left = Some(left - take);
+                if left == take {
+                    self.end_frame();
+                }
+                continue;
+            }
+            bytes = rest;
+            self.partial += 1;
+            if let Some(slot) = self.head.get_mut(self.head_len) {
+                *slot = first;
+                self.head_len += 1;
+            }
+            if let Some((head_len, payload)) = self.header()
+                && head_len == self.head_len
+            {
+                self.largest = self.largest.max(head_len as u64 + payload);
+                self.payload_left = Some(payload);
+                if payload == 0 {
+                    self.end_frame();
+                }
+            }
+        }
+    }
+
+    /// The header's length and the payload's, once the bytes seen tell them.
+    fn header(&self) -> Option<(usize, u64)> {
+        let b1 = *self.head.get(1)?;
+        if self.head_len < 2 {
+            return None;
+        }
+        let ext = match b1 & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let mask = if b1 & 0x80 != 0 { 4 } else { 0 };
+        if self.head_len < 2 + ext {
+            return None;
+        }
+        let payload = match ext {
+            0 => u64::from(b1 & 0x7f),
+            _ => self
+                .head
+                .get(2..2 + ext)?
+                .iter()
+                .fold(0u64, |n, &b| (n << 8) | u64::from(b)),
+        };
+        Some((2 + ext + mask, payload))
+    }
+
+    fn end_frame(&mut self) {
+        let b0 = self.head.first().copied().unwrap_or_default();
+        let control = b0 & 0x08 != 0;
+        let fin = b0 & 0x80 != 0;
+        if control || fin {
+            self.units += 1;
+        }
+        if !control {
+            self.in_message = !fin;
+        }
+        if !self.in_message {
+            self.partial = 0;
+        }
+        self.head_len = 0;
+        self.payload_left = None;
+    }
+
+    /// Nothing half handed: the bytes handed end at a message's end.
+    fn at_boundary(&self) -> bool {
+        self.head_len == 0 && self.payload_left.is_none() && !self.in_message
+    }
+}
+
+/// A read buffer that grew past this for a message is replaced by a fresh one once the
+/// message is read (a subscribe to a few libraries is far smaller).
+const KEEP_READ_BUFFER: u64 = 8 * 1024;
 
 /// Longest close reason sent: a control frame holds 125 bytes, 2 of them the code.
 const MAX_CLOSE_REASON: usize = 120;
@@ -130,7 +260,13 @@ pub enum Due {
 
 /// A websocket connection.
 pub struct WsConn<S = crate::socket::Socket> {
-    ws: WebSocket<Tap<S>>,
+    /// The socket side: reads pass through, output is queued.
+    tap: Tap<S>,
+    /// tungstenite's protocol state and read buffer, driven over `tap`.
+    ws: WebSocketContext,
+    /// Messages and control frames tungstenite gave back (compared with the frames the
+    /// Tap handed it: equal means its buffer is empty).
+    units_read: u64,
     /// `max_unsent_bytes`: the most output a client that stopped reading may leave queued.
     max_unsent: usize,
     /// `max_repos_per_connection`: a message listing more is refused whole.
@@ -171,15 +307,23 @@ impl<S: Stream> WsConn<S> {
         config: &Config,
         meter: &Meter,
     ) -> WsConn<S> {
+        let mut scan = FrameScan::default();
+        scan.feed(&read_ahead);
+        meter.move_input(0, scan.partial);
         let tap = Tap {
             stream,
             out: OutQueue::new(meter.clone()),
             allowance: READ_BYTES_PER_TURN,
             throttled: false,
+            scan,
+            input_budget: config.max_output_bytes / 4,
+            over_input: false,
         };
-        let ws = WebSocket::from_partially_read(tap, read_ahead, Role::Server, Some(ws::socket_config(config)));
+        let ws = WebSocketContext::from_partially_read(read_ahead, Role::Server, Some(ws::socket_config(config)));
         WsConn {
+            tap,
             ws,
+            units_read: 0,
             max_unsent: config.max_unsent_bytes,
             max_repos: config.max_repos_per_connection,
             peer,
@@ -203,20 +347,20 @@ impl<S: Stream> WsConn<S> {
     }
 
     pub fn stream(&self) -> &S {
-        &self.ws.get_ref().stream
+        &self.tap.stream
     }
 
     pub fn stream_mut(&mut self) -> &mut S {
-        &mut self.ws.get_mut().stream
+        &mut self.tap.stream
     }
 
     fn out(&mut self) -> &mut OutQueue {
-        &mut self.ws.get_mut().out
+        &mut self.tap.out
     }
 
     /// Bytes queued and not yet written.
     pub fn unsent(&self) -> usize {
-        self.ws.get_ref().out.unsent()
+        self.tap.out.unsent()
     }
 
     /// Applies reloaded limits to the open connection.
@@ -225,6 +369,7 @@ impl<S: Stream> WsConn<S> {
         self.ws.set_config(|c| *c = ws_config);
         self.max_unsent = config.max_unsent_bytes;
         self.max_repos = config.max_repos_per_connection;
+        self.tap.input_budget = config.max_output_bytes / 4;
     }
 
     /// Whether our Close frame is out.
@@ -278,7 +423,7 @@ impl<S: Stream> WsConn<S> {
             entries: ENTRIES_PER_TURN,
             parsed: 0,
         };
-        let tap = self.ws.get_mut();
+        let tap = &mut self.tap;
         tap.allowance = READ_BYTES_PER_TURN;
         tap.throttled = false;
     }
@@ -291,7 +436,7 @@ impl<S: Stream> WsConn<S> {
     /// Whether this turn's budget is spent while input may be left: the reactor must
     /// come back to it next turn, since no edge will.
     pub fn throttled(&self) -> bool {
-        self.budget.frames == 0 || self.budget.entries == 0 || self.ws.get_ref().throttled
+        self.budget.frames == 0 || self.budget.entries == 0 || self.tap.throttled
     }
 
     /// Whether output is stuck in the socket (WRITABLE is registered while it is).
@@ -366,10 +511,11 @@ impl<S: Stream> WsConn<S> {
             return WsRead::Drained;
         }
         loop {
-            match self.ws.read() {
+            match self.ws.read(&mut self.tap) {
                 Ok(msg) => {
                     self.last_heard = now;
                     self.budget.frames -= 1;
+                    self.units_read += 1;
                     return match msg {
                         Message::Text(_) | Message::Binary(_) if self.close_deadline.is_some() => {
                             // Closing: data is read and dropped until the peer's Close.
@@ -382,11 +528,17 @@ impl<S: Stream> WsConn<S> {
                         Message::Pong(_) | Message::Frame(_) => WsRead::Control,
                         Message::Close(_) => {
                             // tungstenite queued the echo (or this answers ours): send it, close.
-                            let _ = self.ws.flush();
+                            let _ = self.ws.flush(&mut self.tap);
                             self.write_last();
                             WsRead::Close(self.closed_reason())
                         }
                     };
+                }
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock && self.tap.over_input => {
+                    return self.fail(
+                        CloseCode::Again,
+                        "server busy: too many large messages in progress, try again later".into(),
+                    );
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Pongs for what was read are queued now, not at the next read.
@@ -418,7 +570,7 @@ impl<S: Stream> WsConn<S> {
     /// client's own traffic may not leave more than `max_unsent_bytes` queued, whether or
     /// not its socket is full yet.
     fn queue_owed(&mut self) -> WsRead {
-        let _ = self.ws.flush();
+        let _ = self.ws.flush(&mut self.tap);
         if self.unsent() > self.max_unsent {
             // Pings answered faster than the client reads the pongs.
             return WsRead::Close(CloseReason::SlowConsumerBytes);
@@ -442,6 +594,33 @@ impl<S: Stream> WsConn<S> {
 
     fn client_message(&mut self, payload: &[u8], close_by: Millis) -> WsRead {
         self.budget.parsed += payload.len();
+        let read = self.parse_message(payload, close_by);
+        self.give_back_read_buffer();
+        read
+    }
+
+    /// After a large message, if tungstenite holds no byte of the client's (see
+    /// [`FrameScan`]), gives its read buffer back by starting a fresh protocol context:
+    /// same settings, and the same state, the connection being open with nothing owed
+    /// once the flush below queues any pong.
+    fn give_back_read_buffer(&mut self) {
+        let scan = &self.tap.scan;
+        if scan.largest <= KEEP_READ_BUFFER
+            || !scan.at_boundary()
+            || scan.units != self.units_read
+            || self.close_deadline.is_some()
+            || !self.ws.can_read()
+            || !self.ws.can_write()
+        {
+            return;
+        }
+        let _ = self.ws.flush(&mut self.tap);
+        let config = *self.ws.get_config();
+        self.ws = WebSocketContext::new(Role::Server, Some(config));
+        self.tap.scan.largest = 0;
+    }
+
+    fn parse_message(&mut self, payload: &[u8], close_by: Millis) -> WsRead {
         match ws::parse_client(payload, self.max_repos) {
             Ok(msg) => WsRead::Msg(msg),
             Err(ws::BadMessage::TooManyRepos) => {
@@ -470,7 +649,7 @@ impl<S: Stream> WsConn<S> {
             code,
             reason: Utf8Bytes::from(truncate_reason(&why)),
         };
-        let _ = self.ws.close(Some(frame));
+        let _ = self.ws.close(&mut self.tap, Some(frame));
         self.write_last();
         WsRead::Close(CloseReason::Protocol(why))
     }
@@ -478,7 +657,7 @@ impl<S: Stream> WsConn<S> {
     /// Writes what the socket takes of the queue before the connection ends (the Close
     /// frame that ends it is last in the queue).
     fn write_last(&mut self) {
-        let tap = self.ws.get_mut();
+        let tap = &mut self.tap;
         let _ = tap.out.write_to(&mut tap.stream);
     }
 
@@ -495,7 +674,7 @@ impl<S: Stream> WsConn<S> {
             reason: Utf8Bytes::from(truncate_reason(why)),
         };
         // Queued even when the socket is full; the server's flush sends it.
-        let _ = self.ws.close(Some(frame));
+        let _ = self.ws.close(&mut self.tap, Some(frame));
         self.close_deadline = Some(close_by);
     }
 
@@ -528,7 +707,7 @@ impl<S: Stream> WsConn<S> {
         if self.close_deadline.is_none() && self.unsent() + payload.len() > self.max_unsent {
             return Sent::Evict(CloseReason::SlowConsumerBytes);
         }
-        let frame = Frame::text(payload.as_bytes(), self.ws.get_ref().out.meter());
+        let frame = Frame::text(payload.as_bytes(), self.tap.out.meter());
         self.send(&frame, now)
     }
 
@@ -542,7 +721,7 @@ impl<S: Stream> WsConn<S> {
         if self.over_cap(2) {
             return Sent::Evict(CloseReason::SlowConsumerBytes);
         }
-        match self.ws.write(Message::Ping(Default::default())) {
+        match self.ws.write(&mut self.tap, Message::Ping(Default::default())) {
             Ok(()) => Sent::Queued {
                 newly_queued: self.mark_queued(),
             },
@@ -560,7 +739,7 @@ impl<S: Stream> WsConn<S> {
     pub fn flush(&mut self, now: Millis) -> Result<bool, CloseReason> {
         self.queued = false;
         // Anything tungstenite still holds (a pong owed since the last read) joins the queue.
-        match self.ws.flush() {
+        match self.ws.flush(&mut self.tap) {
             Ok(()) => {}
             Err(tungstenite::Error::ConnectionClosed) => {
                 self.write_last();
@@ -570,7 +749,7 @@ impl<S: Stream> WsConn<S> {
             Err(tungstenite::Error::Io(e)) => return Err(CloseReason::from_io(&e)),
             Err(e) => return Err(CloseReason::Protocol(format!("{e}"))),
         }
-        let tap = self.ws.get_mut();
+        let tap = &mut self.tap;
         match tap.out.write_to(&mut tap.stream) {
             Ok(()) => {
                 self.unsent_since = None;
@@ -632,6 +811,80 @@ mod tests {
             &config,
             &Meter::default(),
         )
+    }
+
+    /// A masked client frame.
+    fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![first];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&[0, 0, 0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn the_frame_scan_follows_frames_across_reads() {
+        let mut stream = frame(0x81, &[b'a'; 70_000]);
+        stream.extend(frame(0x89, b""));
+        stream.extend(frame(0x01, &[b'b'; 300])); // a fragment...
+        stream.extend(frame(0x89, b"p")); // ...a ping inside it...
+        let end = frame(0x80, b"c"); // ...and its last fragment
+        let mut scan = FrameScan::default();
+        for chunk in stream.chunks(7) {
+            scan.feed(chunk);
+        }
+        assert_eq!(scan.units, 3, "the text, and the two pings");
+        assert!(!scan.at_boundary(), "inside the fragmented message");
+        assert_eq!(
+            scan.partial,
+            6 + 2 + 300 + 6 + 1,
+            "the unfinished message, and the ping inside it"
+        );
+        scan.feed(&end[..3]);
+        assert!(!scan.at_boundary());
+        scan.feed(&end[3..]);
+        assert_eq!(scan.units, 4);
+        assert!(scan.at_boundary());
+        assert_eq!(scan.partial, 0);
+        assert_eq!(scan.largest, 70_000 + 14, "a 64-bit length: 2 + 8 + 4 bytes of header");
+    }
+
+    #[test]
+    fn a_large_message_leaves_a_fresh_read_buffer_and_loses_nothing_behind_it() {
+        let mut w = conn();
+        let big = serde_json::json!({"type": "unsubscribe", "content": {"repos": vec!["x".repeat(100); 200]}});
+        let small = br#"{"type":"unsubscribe","content":{"repos":["y"]}}"#;
+        // Two messages in one read: the buffer is not replaced while the second is in it.
+        let mut input = frame(0x81, big.to_string().as_bytes());
+        input.extend(frame(0x81, small));
+        w.stream_mut().input.push_back(input);
+        assert!(matches!(w.read_one(0, 100), WsRead::Msg(ClientMsg::Unsubscribe(r)) if r.len() == 200));
+        assert!(
+            w.tap.scan.largest > KEEP_READ_BUFFER,
+            "kept: the second message is buffered"
+        );
+        assert_eq!(
+            w.read_one(0, 100),
+            WsRead::Msg(ClientMsg::Unsubscribe(vec!["y".into()]))
+        );
+        assert_eq!(w.tap.scan.largest, 0, "replaced once nothing was left in it");
+        // The fresh context reads on as before.
+        w.stream_mut().input.push_back(frame(0x81, small));
+        assert_eq!(
+            w.read_one(0, 100),
+            WsRead::Msg(ClientMsg::Unsubscribe(vec!["y".into()]))
+        );
+        assert_eq!(w.read_one(0, 100), WsRead::Drained);
     }
 
     #[test]
