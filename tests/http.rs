@@ -1119,3 +1119,44 @@ fn pipelining_without_reading_answers_is_bounded() {
         "the server grew by {grown_kb} KiB while a client pipelined {sent} bytes of requests without reading"
     );
 }
+
+/// Writes `n` pipelined pings in one write (half-closing after them if asked) and reads
+/// answers until `n` came or the server stopped answering; returns how many came and,
+/// after a half-close, whether the server then closed (EOF) rather than went silent.
+fn pipelined_pings(server: &Server, n: usize, half_close: bool) -> (usize, bool) {
+    let mut s = connect(server.addr);
+    s.write_all(&b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n".repeat(n))
+        .unwrap();
+    if half_close {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut answered = 0;
+    while answered < n {
+        match read_response(&mut s, false) {
+            Some(r) => {
+                assert_pong(&r, &format!("pipelined ping {answered}"));
+                answered += 1;
+            }
+            None => break,
+        }
+    }
+    (answered, half_close && answered == n && closed_by_server(&mut s))
+}
+
+#[test]
+fn pipelined_requests_past_the_output_cap_are_all_answered() {
+    // 1,500 pings (46 KB) in one write: their answers (123 KB) pass the 64 KiB of output
+    // the server lets wait before it stops answering. A write that empties the output
+    // must let it go on with the complete requests it already read, though no new
+    // readiness edge will come for them.
+    let server = Server::start("");
+    let plain = pipelined_pings(&server, 1_500, false).0;
+    // The same, with the client half-closing after its requests: all answers, then EOF.
+    let half_closed = pipelined_pings(&server, 1_500, true);
+    assert_eq!(
+        (plain, half_closed),
+        (1_500, (1_500, true)),
+        "answers stopped with complete requests buffered (plain, then half-closed and whether EOF came)"
+    );
+    server.assert_alive();
+}
