@@ -3,25 +3,36 @@
 //! The instance that receives `POST /events` resolves the audience once (the group lookup
 //! included), delivers to its own subscribers, and publishes the event with its resolved
 //! audience; every other instance delivers it to its own subscribers. Each message names
-//! the instance that sent it, and an instance ignores its own, so nothing is delivered
+//! the instance that sent it, and an instance ignores its own. Each message also carries
+//! an id, increasing per sender, and a receiver drops an id it has heard before ([`Seen`]):
+//! a PUBLISH whose reply was lost (a timeout, a broken connection) may have been published
+//! all the same, and is sent again, so without the ids other instances would deliver it
 //! twice.
 //!
 //! Redis is spoken by the `redis` crate's blocking client on two helper threads (Redis
 //! forbids publishing on a subscribed connection): the subscriber parses what arrives and
 //! hands it to the loop through a channel and the loop's `mio::Waker`; the publisher
-//! drains a bounded outbox. Both reconnect by themselves with capped, jittered backoff.
+//! drains a bounded outbox. Both reconnect by themselves with capped, jittered backoff;
+//! the publisher's backoff grows until a PUBLISH succeeds (not merely a connection), so a
+//! Redis that accepts connections and then fails every PUBLISH is not hammered. An error
+//! reply to PUBLISH (an ACL without `+publish`, say) is that message's failure: it is
+//! dropped and counted (`refused`), the connection kept, and it is logged once until a
+//! PUBLISH succeeds again.
 //! While Redis is unreachable, local delivery goes on unchanged; messages for the other
 //! instances wait in the outbox for at most [`OUTBOX_MAX_AGE`] and at most
 //! [`OUTBOX_CAPACITY`] of them (oldest dropped first, counted), so a short blip loses
 //! nothing and a long outage means local delivery only.
 //!
 //! Wire format, one JSON object per message:
-//! `{"v":1,"from":"<instance>","repo":"<repo id>","kind":"<type>","to":<audience>,"frame":"<text>"}`
-//! where the audience is `{"all":true}`, `{"user":"<name>"}` or `{"users":[...]}`.
+//! `{"v":1,"id":<n>,"from":"<instance>","repo":"<repo id>","kind":"<type>","to":<audience>,"frame":"<text>"}`
+//! where the audience is `{"all":true}`, `{"user":"<name>"}` or `{"users":[...]}`, and
+//! `id` is a number that increases with each message an instance publishes. `id` came
+//! later: a message without it is still accepted (and never taken for a repeat), and an
+//! older instance ignores it, so instances of both kinds can share a channel.
 
 use crate::event::{Audience, Event, Kind, Origin};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
@@ -36,6 +47,12 @@ pub const OUTBOX_MAX_AGE: Duration = Duration::from_secs(10);
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// Messages from the channel waiting for the loop; past it they are dropped (counted).
 const INBOX_CAPACITY: usize = 10_000;
+/// Other instances whose last message id is remembered ([`Seen`]); past it the one heard
+/// from longest ago is forgotten.
+pub const MAX_SENDERS: usize = 256;
+/// Longest sender name accepted (ours are host name, pid and 16 hex digits); a longer one
+/// is foreign, so the [`Seen`] table stays small.
+pub const MAX_SENDER_BYTES: usize = 255;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -51,11 +68,16 @@ pub struct BusStats {
     pub dropped: AtomicU64,
     /// Incoming messages that were malformed or foreign.
     pub ignored: AtomicU64,
+    /// Outgoing messages Redis answered PUBLISH for with an error (dropped).
+    pub refused: AtomicU64,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Wire {
     v: u32,
+    /// Increases with each message its sender publishes; absent from older senders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
     from: String,
     repo: String,
     kind: String,
@@ -74,7 +96,12 @@ struct WireAudience {
     users: Option<Vec<String>>,
 }
 
-/// Encodes an event with its resolved audience for the channel.
+/// The id of the next message this process publishes. One counter for the process is
+/// enough: ids need only increase per instance, and each `Bus` has its own instance name.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Encodes an event with its resolved audience for the channel, with the next message id.
+/// The loop encodes each message just before it queues it, so ids increase in outbox order.
 pub fn encode(instance: &str, ev: &Event, members: Option<&HashSet<Box<str>>>) -> Option<String> {
     let to = match (&ev.audience, members) {
         (Audience::All, _) => WireAudience {
@@ -102,6 +129,7 @@ pub fn encode(instance: &str, ev: &Event, members: Option<&HashSet<Box<str>>>) -
     };
     let wire = Wire {
         v: 1,
+        id: Some(NEXT_ID.fetch_add(1, Ordering::Relaxed)),
         from: instance.to_string(),
         repo: ev.repo_id.clone(),
         kind: ev.kind.name().to_string(),
@@ -117,12 +145,14 @@ pub enum Decoded {
     Event(Event),
     /// Published by this very instance.
     Own,
+    /// A message already heard (a PUBLISH that was sent again).
+    Repeat,
     /// Not one of ours: the reason, for the warning.
     Foreign(String),
 }
 
-/// Decodes a channel message.
-pub fn decode(instance: &str, payload: &[u8]) -> Decoded {
+/// Decodes a channel message; `seen` remembers the ids heard, to drop repeats.
+pub fn decode(instance: &str, payload: &[u8], seen: &mut Seen) -> Decoded {
     if payload.len() > MAX_MESSAGE_BYTES {
         return Decoded::Foreign(format!("message of {} bytes", payload.len()));
     }
@@ -148,6 +178,15 @@ pub fn decode(instance: &str, payload: &[u8]) -> Decoded {
         (false, None, Some(users)) => Audience::Members(Arc::new(users.into_iter().map(Box::from).collect())),
         _ => return Decoded::Foreign("message with an ambiguous audience".into()),
     };
+    if wire.from.len() > MAX_SENDER_BYTES {
+        return Decoded::Foreign(format!("a sender name of {} bytes", wire.from.len()));
+    }
+    // Last, so that only a message that would be delivered moves the sender's window.
+    if let Some(id) = wire.id
+        && seen.repeat(&wire.from, id)
+    {
+        return Decoded::Repeat;
+    }
     Decoded::Event(Event {
         kind,
         repo_id: wire.repo,
@@ -155,6 +194,60 @@ pub fn decode(instance: &str, payload: &[u8]) -> Decoded {
         frame: wire.frame.into(),
         origin: Origin::Bus,
     })
+}
+
+/// The highest message id heard from each other instance, for at most [`MAX_SENDERS`]
+/// of them, to drop repeats.
+///
+/// A sender's ids arrive in increasing order, repeats apart: its one publisher thread
+/// sends one message at a time, a message that failed goes back to the front of its
+/// outbox, and Redis delivers what one connection publishes in order. (A PUBLISH sent on
+/// a connection since given up may still run after its retry on the next one, but then
+/// as a repeat of an id already heard.) So an id not above the highest heard is a repeat,
+/// and one number per sender is the whole window.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Sender → (highest id heard, when it was last heard on `clock`).
+    senders: HashMap<Box<str>, (u64, u64)>,
+    /// Counts messages, to tell which sender was heard from longest ago.
+    clock: u64,
+}
+
+impl Seen {
+    /// Whether `id` from `from` was heard before; remembers it if not.
+    pub fn repeat(&mut self, from: &str, id: u64) -> bool {
+        self.clock += 1;
+        if let Some((highest, heard)) = self.senders.get_mut(from) {
+            *heard = self.clock;
+            if id <= *highest {
+                return true;
+            }
+            *highest = id;
+            return false;
+        }
+        if self.senders.len() >= MAX_SENDERS {
+            // Rare (a new instance while the table is full), so a scan is fine.
+            let oldest = self
+                .senders
+                .iter()
+                .min_by_key(|(_, (_, heard))| *heard)
+                .map(|(name, _)| name.clone());
+            if let Some(name) = oldest {
+                self.senders.remove(&name);
+            }
+        }
+        self.senders.insert(from.into(), (id, self.clock));
+        false
+    }
+
+    /// Senders remembered.
+    pub fn len(&self) -> usize {
+        self.senders.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.senders.is_empty()
+    }
 }
 
 /// A unique name for this instance: host name, process id and some randomness.
@@ -197,6 +290,7 @@ impl Bus {
             received: st.received.load(Relaxed),
             dropped: st.dropped.load(Relaxed),
             ignored: st.ignored.load(Relaxed),
+            refused: st.refused.load(Relaxed),
         }
     }
 
@@ -274,6 +368,7 @@ fn subscriber(
 ) {
     let mut attempt = 0u32;
     let mut warned = false;
+    let mut seen = Seen::default();
     loop {
         let result = (|| -> redis::RedisResult<()> {
             let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
@@ -301,8 +396,8 @@ fn subscriber(
                         continue;
                     }
                 };
-                match decode(&instance, &payload) {
-                    Decoded::Own => {}
+                match decode(&instance, &payload, &mut seen) {
+                    Decoded::Own | Decoded::Repeat => {}
                     Decoded::Foreign(why) => {
                         let n = stats.ignored.fetch_add(1, Ordering::Relaxed);
                         // The first and then every hundredth: a noisy channel must not flood the log.
@@ -344,10 +439,44 @@ fn subscriber(
     }
 }
 
+/// The publisher's failures since its last successful PUBLISH (one episode): how far
+/// the backoff has grown and what was already logged. Only a successful PUBLISH ends an
+/// episode: a connection that succeeds and then fails every PUBLISH must not reset it.
+#[derive(Debug, Default)]
+struct Episode {
+    attempt: u32,
+    warned_io: bool,
+    warned_refused: bool,
+}
+
+impl Episode {
+    fn published(&mut self) {
+        *self = Episode::default();
+    }
+
+    /// Connecting failed, or a PUBLISH got no reply: how long to wait before connecting
+    /// again, and whether this is the episode's first such failure (to log).
+    fn io_failure(&mut self) -> (Duration, bool) {
+        let wait = backoff(self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
+        (wait, !std::mem::replace(&mut self.warned_io, true))
+    }
+
+    /// Redis answered a PUBLISH with an error: whether this is the episode's first (to log).
+    fn refused(&mut self) -> bool {
+        !std::mem::replace(&mut self.warned_refused, true)
+    }
+}
+
+/// Whether Redis answered with an error reply (the connection is in step; only this
+/// command failed), rather than the connection failing.
+fn is_error_reply(e: &redis::RedisError) -> bool {
+    matches!(e.kind(), redis::ErrorKind::Server(_) | redis::ErrorKind::Extension)
+}
+
 fn publisher(client: redis::Client, channel: String, stats: Arc<BusStats>, outbox: Arc<Outbox>) {
     let mut conn: Option<redis::Connection> = None;
-    let mut attempt = 0u32;
-    let mut warned = false;
+    let mut episode = Episode::default();
     loop {
         // Connected before there is anything to send, so the metrics tell the truth and
         // the first event does not wait for a handshake.
@@ -358,16 +487,13 @@ fn publisher(client: redis::Client, channel: String, stats: Arc<BusStats>, outbo
                     let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
                     conn = Some(c);
                     stats.publisher_connected.store(true, Ordering::Relaxed);
-                    attempt = 0;
-                    warned = false;
                 }
                 Err(e) => {
-                    if !warned {
+                    let (wait, first) = episode.io_failure();
+                    if first {
                         log::warn!("bus: cannot connect to Redis to publish ({e}); retrying");
-                        warned = true;
                     }
-                    std::thread::sleep(backoff(attempt));
-                    attempt += 1;
+                    std::thread::sleep(wait);
                     continue;
                 }
             }
@@ -399,15 +525,29 @@ fn publisher(client: redis::Client, channel: String, stats: Arc<BusStats>, outbo
         match sent {
             Ok(_) => {
                 stats.published.fetch_add(1, Ordering::Relaxed);
+                episode.published();
+            }
+            Err(e) if is_error_reply(&e) => {
+                // Sending it again would be refused again: this message is lost to the
+                // other instances, and the connection is fine.
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                if episode.refused() {
+                    log::warn!(
+                        "bus: Redis refused to publish an event ({e}); it is delivered locally only, and so is every event refused until one is published"
+                    );
+                }
             }
             Err(e) => {
+                // No reply: it may have been published all the same. It is sent again
+                // (receivers drop the repeat by its id) after the backoff.
                 conn = None;
                 stats.publisher_connected.store(false, Ordering::Relaxed);
-                if !warned {
-                    log::warn!("bus: publishing to Redis failed ({e}); reconnecting");
-                    warned = true;
-                }
                 requeue(&outbox, queued_at, message);
+                let (wait, first) = episode.io_failure();
+                if first {
+                    log::warn!("bus: publishing to Redis failed ({e}); reconnecting");
+                }
+                std::thread::sleep(wait);
             }
         }
     }
@@ -446,8 +586,8 @@ mod tests {
         ] {
             let ev = event(audience.clone());
             let wire = encode("A", &ev, resolved).unwrap();
-            assert_eq!(decode("A", wire.as_bytes()), Decoded::Own);
-            let Decoded::Event(got) = decode("B", wire.as_bytes()) else {
+            assert_eq!(decode("A", wire.as_bytes(), &mut Seen::default()), Decoded::Own);
+            let Decoded::Event(got) = decode("B", wire.as_bytes(), &mut Seen::default()) else {
                 panic!("{wire}")
             };
             assert_eq!(
@@ -482,11 +622,89 @@ mod tests {
             br#"{"v":1,"from":"x","repo":"r","kind":"repo-update","to":{"everyone":true},"frame":"{}\n"}"#,
         ] {
             assert!(
-                matches!(decode("me", bad), Decoded::Foreign(_)),
+                matches!(decode("me", bad, &mut Seen::default()), Decoded::Foreign(_)),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn a_message_sent_again_is_delivered_once() {
+        let mut seen = Seen::default();
+        let first = encode("A", &event(Audience::All), None).unwrap();
+        let second = encode("A", &event(Audience::All), None).unwrap();
+        assert!(matches!(decode("B", first.as_bytes(), &mut seen), Decoded::Event(_)));
+        // The PUBLISH of `first` lost its reply and was sent again.
+        assert_eq!(decode("B", first.as_bytes(), &mut seen), Decoded::Repeat);
+        assert!(matches!(decode("B", second.as_bytes(), &mut seen), Decoded::Event(_)));
+        assert_eq!(decode("B", first.as_bytes(), &mut seen), Decoded::Repeat);
+        assert_eq!(decode("B", second.as_bytes(), &mut seen), Decoded::Repeat);
+        // Another sender's ids are its own.
+        let other = first.replace("\"from\":\"A\"", "\"from\":\"C\"");
+        assert!(matches!(decode("B", other.as_bytes(), &mut seen), Decoded::Event(_)));
+    }
+
+    #[test]
+    fn messages_without_an_id_are_never_repeats_and_move_nothing() {
+        let mut seen = Seen::default();
+        let old = br#"{"v":1,"from":"x","repo":"r","kind":"repo-update","to":{"all":true},"frame":"{}\n"}"#;
+        for _ in 0..3 {
+            assert!(matches!(decode("me", old, &mut seen), Decoded::Event(_)));
+        }
+        assert!(seen.is_empty());
+        // Nor does a malformed message with an id.
+        let bad = br#"{"v":1,"id":9,"from":"x","repo":"","kind":"repo-update","to":{"all":true},"frame":"{}\n"}"#;
+        assert!(matches!(decode("me", bad, &mut seen), Decoded::Foreign(_)));
+        assert!(seen.is_empty());
+        let long = format!(
+            r#"{{"v":1,"id":1,"from":"{}","repo":"r","kind":"repo-update","to":{{"all":true}},"frame":"{{}}\n"}}"#,
+            "x".repeat(MAX_SENDER_BYTES + 1)
+        );
+        assert!(matches!(decode("me", long.as_bytes(), &mut seen), Decoded::Foreign(_)));
+        assert!(seen.is_empty());
+    }
+
+    #[test]
+    fn seen_keeps_at_most_max_senders_and_forgets_the_quietest() {
+        let mut seen = Seen::default();
+        assert!(!seen.repeat("busy", 1));
+        for i in 0..MAX_SENDERS * 4 {
+            assert!(!seen.repeat(&format!("s{i}"), 1));
+            // The busy sender keeps talking, so it is never the one forgotten.
+            assert!(!seen.repeat("busy", i as u64 + 2));
+            assert!(seen.len() <= MAX_SENDERS);
+        }
+        assert_eq!(seen.len(), MAX_SENDERS);
+        assert!(seen.repeat("busy", 2), "still remembered");
+        // The earliest quiet senders were forgotten: a repeat from one of them passes.
+        assert!(!seen.repeat("s0", 1));
+        let last = format!("s{}", MAX_SENDERS * 4 - 1);
+        assert!(seen.repeat(&last, 1), "the latest are remembered");
+    }
+
+    #[test]
+    fn only_a_successful_publish_resets_the_backoff_and_the_warnings() {
+        let mut episode = Episode::default();
+        let (first_wait, log) = episode.io_failure();
+        assert!(log && first_wait <= BACKOFF_START);
+        // Reconnecting succeeds, PUBLISH fails again: the waits grow, logged once.
+        let waits: Vec<Duration> = (0..4)
+            .map(|_| {
+                let (wait, log) = episode.io_failure();
+                assert!(!log);
+                wait
+            })
+            .collect();
+        assert!(waits[3] >= BACKOFF_START * 8, "{waits:?}");
+        // Error replies are logged once too, and do not reset the backoff.
+        assert!(episode.refused());
+        assert!(!episode.refused());
+        assert!(episode.io_failure().0 >= BACKOFF_START * 16);
+        episode.published();
+        let (wait, log) = episode.io_failure();
+        assert!(log && wait <= BACKOFF_START);
+        assert!(episode.refused());
     }
 
     #[test]

@@ -192,6 +192,8 @@ pub struct BusGauges {
     pub received: u64,
     pub dropped: u64,
     pub ignored: u64,
+    /// Outgoing messages Redis answered PUBLISH for with an error.
+    pub refused: u64,
 }
 
 /// Renders the Prometheus text exposition format (version 0.0.4).
@@ -381,6 +383,14 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
         "1 while shutting down.",
         &one(g.draining as u64),
     );
+    if let Some(bus) = &g.bus {
+        metric(
+            "notification_bus_refused_total",
+            "counter",
+            "Events Redis refused to publish (an error reply, e.g. an ACL without +publish): delivered locally only.",
+            &one(bus.refused),
+        );
+    }
     metric(
         "notification_loop_turn_seconds",
         "histogram",

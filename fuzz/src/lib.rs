@@ -928,18 +928,26 @@ pub fn config_text(data: &[u8]) {
 
 /// `bus::decode` on a message from the Redis channel. A decoded event has a repo id and a
 /// newline-terminated frame, and survives the way back: encoded by another instance it
-/// decodes to the same event here, and is recognised as its own by the sender.
+/// decodes to the same event here, once (the same message again is a repeat), and is
+/// recognised as its own by the sender.
 pub fn bus_message(data: &[u8]) {
-    let Decoded::Event(e) = bus::decode("this-instance", data) else {
+    let mut seen = bus::Seen::default();
+    let Decoded::Event(e) = bus::decode("this-instance", data, &mut seen) else {
         return;
     };
     assert!(!e.repo_id.is_empty(), "bus event without a repo id");
     assert!(e.frame.as_str().ends_with('\n'), "bus frame without its newline");
+    assert!(seen.len() <= 1, "one message remembered {} senders", seen.len());
     let wire = bus::encode("other-instance", &e, None).expect("a decoded event does not encode");
-    assert_eq!(bus::decode("other-instance", wire.as_bytes()), Decoded::Own);
+    assert_eq!(bus::decode("other-instance", wire.as_bytes(), &mut seen), Decoded::Own);
     assert_eq!(
-        bus::decode("this-instance", wire.as_bytes()),
+        bus::decode("this-instance", wire.as_bytes(), &mut seen),
         Decoded::Event(e),
         "the event changed on its way through the bus: {wire}"
+    );
+    assert_eq!(
+        bus::decode("this-instance", wire.as_bytes(), &mut seen),
+        Decoded::Repeat,
+        "the same message twice was delivered twice: {wire}"
     );
 }
