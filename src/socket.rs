@@ -15,8 +15,10 @@
 //! So the socket is registered for `EPOLLPRI` (urgent data) as well, and once a readiness
 //! event says the peer hung up, the socket errored or urgent data came, every read on
 //! this socket goes to the kernel until it reports `EAGAIN` or the end. No client has a
-//! reason to send urgent data, so that costs nothing on the common path. The same trick
-//! is nginx's (`rev->ready = 0` on a short read).
+//! reason to send urgent data, so that costs nothing on the common path. (The urgent byte
+//! itself is not part of the stream we read: without `SO_OOBINLINE`, as in Go's server,
+//! the kernel keeps it aside for `MSG_OOB` reads, which we never make.) The same trick is
+//! nginx's (`rev->ready = 0` on a short read).
 //!
 //! On a keep-alive exchange this saves one of the three system calls (ping, pong read,
 //! EAGAIN read), and one per subscribe or `/events` request.
