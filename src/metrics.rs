@@ -201,6 +201,8 @@ pub struct BusGauges {
     pub received: u64,
     pub dropped: u64,
     pub ignored: u64,
+    /// Outgoing messages Redis answered PUBLISH for with an error.
+    pub refused: u64,
 }
 
 /// Renders the Prometheus text exposition format (version 0.0.4).
@@ -441,6 +443,12 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
             &one(bus.received),
         );
         metric(
+            "notification_bus_refused_total",
+            "counter",
+            "Events Redis refused to publish (an error reply, e.g. an ACL without +publish): delivered locally only.",
+            &one(bus.refused),
+        );
+        metric(
             "notification_bus_dropped_total",
             "counter",
             "Bus messages dropped: outgoing ones while Redis was away too long, incoming ones while the loop fell behind.",
@@ -537,6 +545,7 @@ mod tests {
                 received: 7,
                 dropped: 1,
                 ignored: 2,
+                refused: 3,
             }),
             ..Gauges::default()
         };
@@ -547,6 +556,7 @@ mod tests {
             "notification_bus_received_total 7\n",
             "notification_bus_dropped_total 1\n",
             "notification_bus_ignored_total 2\n",
+            "notification_bus_refused_total 3\n",
             "# TYPE notification_bus_received_total counter\n",
         ] {
             assert!(text.contains(line), "{line:?} missing in\n{text}");

@@ -38,7 +38,8 @@ pub fn ms(d: std::time::Duration) -> Millis {
 pub trait Stream: Read + Write + mio::event::Source {
     /// Half-closes the sending side once the last answer is written.
     fn shutdown_write(&self);
-    /// A readiness event arrived (`hung_up`: the peer closed or the socket errored).
+    /// A readiness event arrived (`hung_up`: the peer closed, the socket errored or urgent
+    /// data came).
     fn on_readable(&mut self, _hung_up: bool) {}
     /// The next read must reach the kernel even without a new readiness edge.
     fn rearm(&mut self) {}

@@ -90,13 +90,14 @@ pub struct Ready {
     pub token: Token,
     pub readable: bool,
     pub writable: bool,
-    /// The peer closed its side, or the socket errored.
+    /// The peer closed its side, the socket errored, or urgent data came: each can end a
+    /// read short with more to read (socket.rs).
     pub hung_up: bool,
 }
 
 impl Ready {
     fn from_event(ev: &mio::event::Event) -> Ready {
-        let hung_up = ev.is_read_closed() || ev.is_error();
+        let hung_up = ev.is_read_closed() || ev.is_error() || ev.is_priority();
         Ready {
             token: ev.token(),
             readable: ev.is_readable() || hung_up,
