@@ -199,8 +199,7 @@ fn run_checks(
     }
     match ws_base {
         Some(base) if server_up && events_ok => {
-            let stay = if options.long { STAY_LONG } else { STAY_DEFAULT };
-            for check in public::end_to_end(&ctx, &base, public.is_some(), stay) {
+            for check in public::end_to_end(&ctx, &base, public.is_some(), stay(options)) {
                 add(&mut report, check);
             }
         }
@@ -229,6 +228,11 @@ fn run_checks(
         report.skip("clock", "no Date header from a proxy to compare with");
     }
     report
+}
+
+/// How long the stays-up check holds the websocket.
+fn stay(options: &Options) -> Duration {
+    if options.long { STAY_LONG } else { STAY_DEFAULT }
 }
 
 /// The configured address, with loopback for "any address" (what `--ping` asks).
@@ -422,6 +426,16 @@ mod tests {
             .unwrap();
         assert_eq!(given.0.base(), "http://g:81");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn long_outlasts_nginxs_default_read_timeout() {
+        let long = Options {
+            long: true,
+            ..Options::default()
+        };
+        assert!(stay(&long) > Duration::from_secs(60));
+        assert_eq!(stay(&Options::default()), STAY_DEFAULT);
     }
 
     #[test]
