@@ -74,7 +74,7 @@ enum Ended {
 
 /// One connection: subscribe, then print messages until stopped (Ok) or lost.
 fn session(w: &Watch, target: &str, stop: &AtomicBool) -> Result<(), Ended> {
-    let mut ws = client::websocket(&w.url, &w.tls, w.path).map_err(|e| Ended::Lost(format!("{target}: {e:?}")))?;
+    let mut ws = client::websocket(&w.url, &w.tls, w.path).map_err(|e| Ended::Lost(format!("{target}: {e}")))?;
     subscribe(w, &mut ws)?;
     eprintln!(
         "watch: subscribed to library {} at {target}; printing its events (Ctrl-C to stop)",

@@ -548,6 +548,16 @@ pub enum WsError {
     Other(String),
 }
 
+impl std::fmt::Display for WsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WsError::Connect(e) => e.fmt(f),
+            WsError::Refused(a) => write!(f, "answered {} instead of upgrading", a.status),
+            WsError::Other(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Opens a websocket at `url` plus `path`.
 pub fn websocket(url: &Url, tls: &Tls, path: &str) -> Result<tungstenite::WebSocket<Stream>, WsError> {
     let stream = Stream::connect(url, tls).map_err(WsError::Connect)?;

@@ -230,7 +230,7 @@ pub(super) fn end_to_end(ctx: &Ctx, base: &Url, public: bool, stay: Duration) ->
     let fail = |seen: String, fix: &str| vec![Check::fail("end-to-end", seen, fix)];
     let mut ws = match client::websocket(base, &ctx.tls, path) {
         Ok(ws) => ws,
-        Err(e) => return fail(format!("{what}: the websocket did not open again: {e:?}"), UPGRADE_FIX),
+        Err(e) => return fail(format!("{what}: the websocket did not open again: {e}"), UPGRADE_FIX),
     };
     if let Err(e) = subscribe(ctx, &mut ws) {
         return fail(
