@@ -143,9 +143,11 @@ fn example_passes(kind: Kind, leaks: Option<&str>) {
         "public-events",
         "end-to-end",
         "stays-up",
-        "open-files",
-        "memory",
     ];
+    // The box's checks depend on the machine the tests run on: present, and never FAIL
+    // (they can only warn), which the count below asserts.
+    run.check("open-files");
+    run.check("memory");
     // The clock is read from the proxy's Date header; HAProxy adds none to what it
     // passes on (and this server sends none), so there the check is left out, and said so.
     match kind {
