@@ -151,22 +151,11 @@ impl Tls {
                 insecure: true,
             });
         }
-        let mut store = rustls::RootCertStore::empty();
-        let system = std::env::var_os("SSL_CERT_FILE")
+        let candidates = std::env::var_os("SSL_CERT_FILE")
             .map(std::path::PathBuf::from)
             .into_iter()
-            .chain(CA_BUNDLES.iter().map(std::path::PathBuf::from))
-            .find(|p| p.is_file());
-        let mut roots = match system.as_deref().map(|p| (p, load_pem(p))) {
-            Some((path, Ok(certs))) if !certs.is_empty() => {
-                let (added, _) = store.add_parsable_certificates(certs);
-                format!("the system's CA bundle {} ({added} certificates)", path.display())
-            }
-            _ => {
-                store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-                "Mozilla's CA certificates built into this program (no CA bundle on this system)".into()
-            }
-        };
+            .chain(CA_BUNDLES.iter().map(std::path::PathBuf::from));
+        let (mut store, mut roots) = system_roots(candidates);
         if let Some(path) = ca_file {
             let certs = load_pem(path)?;
             if certs.is_empty() {
@@ -182,6 +171,24 @@ impl Tls {
             insecure: false,
         })
     }
+}
+
+/// The first CA bundle among `candidates` that exists and holds certificates, else the
+/// roots compiled in; and where they came from, for the output.
+fn system_roots(mut candidates: impl Iterator<Item = std::path::PathBuf>) -> (rustls::RootCertStore, String) {
+    let mut store = rustls::RootCertStore::empty();
+    let system = candidates.find(|p| p.is_file());
+    let roots = match system.as_deref().map(|p| (p, load_pem(p))) {
+        Some((path, Ok(certs))) if !certs.is_empty() => {
+            let (added, _) = store.add_parsable_certificates(certs);
+            format!("the system's CA bundle {} ({added} certificates)", path.display())
+        }
+        _ => {
+            store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            "Mozilla's CA certificates built into this program (no CA bundle on this system)".into()
+        }
+    };
+    (store, roots)
 }
 
 fn load_pem(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -603,6 +610,20 @@ mod tests {
         assert!(Url::parse("seafile.example.com").is_err());
         assert!(Url::parse("https://:80").is_err());
         assert!(Url::parse("https://h:x").is_err());
+    }
+
+    #[test]
+    fn without_a_ca_bundle_the_compiled_in_roots_are_used() {
+        // As in the container image: none of the paths exists.
+        let (store, roots) = system_roots(["/nonexistent/ca.pem"].into_iter().map(std::path::PathBuf::from));
+        assert!(store.len() > 100, "{}", store.len());
+        assert!(roots.contains("built into this program"), "{roots}");
+        // An empty file is no bundle either.
+        let empty = std::env::temp_dir().join(format!("ns-empty-ca-{}.pem", std::process::id()));
+        std::fs::write(&empty, "").unwrap();
+        let (_, roots) = system_roots([empty.clone()].into_iter());
+        assert!(roots.contains("built into this program"), "{roots}");
+        std::fs::remove_file(&empty).unwrap();
     }
 
     #[test]
