@@ -25,7 +25,9 @@
 //! - [`subs`]: the two-way subscription index;
 //! - [`groups`]: group membership lookups (MySQL, SQLite) on a helper thread;
 //! - [`bus`]: sharing events between instances through Redis pub/sub;
-//! - [`lenient`]: Go-compatible lenient JSON object access.
+//! - [`lenient`]: Go-compatible lenient JSON object access;
+//! - [`selftest`]: `--self-test`, the installation checked end to end from the command line;
+//! - [`watch`]: `--watch`, a test client that prints what a desktop client would get.
 
 // Nothing that input can reach may panic: these lints keep unwraps, expects, explicit
 // panics and unchecked indexing out of the server (tests may use them).
@@ -51,8 +53,10 @@ pub mod process_stats;
 #[cfg(test)]
 mod scripted;
 pub mod sdnotify;
+pub mod selftest;
 pub mod server;
 pub mod socket;
 pub mod subs;
 pub mod subscribe;
+pub mod watch;
 pub mod ws;
