@@ -44,9 +44,16 @@ pub(crate) struct Shared {
     pub(crate) repo_confirmed: Vec<AtomicU32>,
     /// Per event: send time (0 = not posted), distinct receivers, last receipt time.
     pub(crate) ev_sent_ns: Vec<AtomicU64>,
+    /// Per event: when it was meant to be sent (the burst's start, or its slot in a paced
+    /// schedule); stored before the POST is written.
+    pub(crate) ev_intended_ns: Vec<AtomicU64>,
     pub(crate) ev_got: Vec<AtomicU32>,
     pub(crate) ev_last_ns: Vec<AtomicU64>,
+    /// Per delivery, from the POST's send time.
     pub(crate) latency: Hist,
+    /// Per delivery, from the event's intended send time: includes the time the sender
+    /// was kept waiting by earlier POSTs (no coordinated omission).
+    pub(crate) latency_intended: Hist,
     pub(crate) delivered: AtomicU64,
     pub(crate) last_delivery_ns: AtomicU64,
     pub(crate) connect_done: AtomicUsize,
@@ -164,6 +171,9 @@ impl ClientState {
             self.rep.delivered += 1;
             let sent = json_u64(text, "\"bench_ts_ns\"").unwrap_or_else(|| sh.ev_sent_ns[seq].load(Relaxed));
             sh.latency.record(now.saturating_sub(sent));
+            let intended = sh.ev_intended_ns[seq].load(Relaxed);
+            sh.latency_intended
+                .record(now.saturating_sub(if intended == 0 { sent } else { intended }));
             sh.ev_last_ns[seq].fetch_max(now, Relaxed);
             sh.last_delivery_ns.fetch_max(now, Relaxed);
             sh.delivered.fetch_add(1, Relaxed);

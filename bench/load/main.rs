@@ -69,6 +69,14 @@
 //!   the moment the client task read the frame (same monotonic clock).  Includes the
 //!   load generator's own scheduling delay, which shares the CPUs with the server.
 //! - `fanout_complete_us`: per event, POST send -> last subscriber received it.
+//! - `latency_from_intended_us`, `fanout_complete_from_intended_us`: the same two, timed
+//!   from when the event was meant to be sent instead of when its POST went out: the
+//!   start of the delivery phase for a burst (a, e, f, quick, c), its slot start + k /
+//!   rate when paced (d), and the POST itself for b (which by design sends each event
+//!   only after the previous one reached everybody).  A sender posts only after its
+//!   previous POST was answered, so a server that holds `/events` back keeps it waiting;
+//!   the POST-timed figures leave that wait out (coordinated omission), these count it.
+//!   They are what a user waits for an event that happened at the burst's start.
 //! - `events_http_us`: /events response time (request written -> response read).
 //! - `server_cpu_s`: server CPU (user+sys, summed over its threads from
 //!   /proc/PID/task/*/schedstat, ns resolution; /proc/PID/stat ticks as fallback)

@@ -41,12 +41,14 @@ impl PostStats {
     }
 }
 
-/// Posts event `k` (to repo k % repos) and records its send time.
+/// Posts event `k` (to repo k % repos) and records its send time, and `intended` (or
+/// the send time, when `None`) as the time it was meant to be sent.
 pub(crate) async fn post_event(
     http: &mut Http,
     sh: &Shared,
     token: &str,
     k: usize,
+    intended: Option<u64>,
     body: &mut String,
     ps: &mut PostStats,
 ) {
@@ -59,6 +61,7 @@ pub(crate) async fn post_event(
         k,
         sh.pad
     );
+    sh.ev_intended_ns[k].store(intended.unwrap_or(t0), Relaxed);
     sh.ev_sent_ns[k].store(t0, Relaxed);
     match http.request("POST", "/events", Some(token), body.as_bytes()).await {
         Ok(r) if r.status == 200 => ps.http_ns.push(now_ns() - t0),
@@ -115,7 +118,9 @@ where
 }
 
 /// Posts all events over `conns` keep-alive connections, taking event numbers from a
-/// shared counter; with `rate`, event k is not sent before start + k / rate.
+/// shared counter; with `rate`, event k is not sent before start + k / rate. Event k is
+/// meant to be sent at that slot, or, in a burst, at the start: a POST held back by the
+/// server delays every later one, and that wait counts in their intended-time latency.
 pub(crate) async fn post_parallel(
     sh: Arc<Shared>,
     token: Arc<String>,
@@ -125,6 +130,7 @@ pub(crate) async fn post_parallel(
 ) -> PostStats {
     let next = Arc::new(AtomicUsize::new(0));
     let start = TInstant::now();
+    let start_ns = now_ns();
     let tasks: Vec<_> = (0..conns)
         .map(|_| {
             let (sh, token, next) = (sh.clone(), token.clone(), next.clone());
@@ -137,14 +143,16 @@ pub(crate) async fn post_parallel(
                     if k >= sh.events || TInstant::now() >= deadline {
                         break;
                     }
-                    if let Some(rate) = rate {
-                        let at = start + Duration::from_secs_f64(k as f64 / rate);
+                    let offset = rate.map_or(Duration::ZERO, |rate| Duration::from_secs_f64(k as f64 / rate));
+                    let intended = Some(start_ns + offset.as_nanos() as u64);
+                    if rate.is_some() {
+                        let at = start + offset;
                         sleep_until(at).await;
                         ps.pace_lag_max_ns = ps
                             .pace_lag_max_ns
                             .max(TInstant::now().duration_since(at).as_nanos() as u64);
                     }
-                    post_event(&mut http, &sh, &token, k, &mut body, &mut ps).await;
+                    post_event(&mut http, &sh, &token, k, intended, &mut body, &mut ps).await;
                 }
                 ps.retries = http.retries;
                 ps
@@ -167,7 +175,9 @@ pub(crate) async fn post_sequential(sh: &Shared, token: &str, deadline: Duration
     let mut ps = PostStats::default();
     let mut body = String::with_capacity(256);
     for k in 0..sh.events {
-        post_event(&mut http, sh, token, k, &mut body, &mut ps).await;
+        // Closed loop by design: each event is meant to go once the previous one
+        // reached everybody, so its intended time is its send time.
+        post_event(&mut http, sh, token, k, None, &mut body, &mut ps).await;
         let want = sh.repo_connected[k % sh.repos].load(Relaxed);
         let complete = wait_until(&sh.notify, TInstant::now() + deadline.min(STALL), || {
             sh.ev_got[k].load(Relaxed) >= want

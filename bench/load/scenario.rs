@@ -43,9 +43,11 @@ pub(crate) async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Tar
         repo_connected: (0..plan.repos).map(|_| AtomicU32::new(0)).collect(),
         repo_confirmed: (0..plan.repos).map(|_| AtomicU32::new(0)).collect(),
         ev_sent_ns: (0..n_ev).map(|_| AtomicU64::new(0)).collect(),
+        ev_intended_ns: (0..n_ev).map(|_| AtomicU64::new(0)).collect(),
         ev_got: (0..n_ev).map(|_| AtomicU32::new(0)).collect(),
         ev_last_ns: (0..n_ev).map(|_| AtomicU64::new(0)).collect(),
         latency: Hist::new(),
+        latency_intended: Hist::new(),
         delivered: AtomicU64::new(0),
         last_delivery_ns: AtomicU64::new(0),
         connect_done: AtomicUsize::new(0),
@@ -200,18 +202,21 @@ pub(crate) async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Tar
         posted.len(),
         sh.delivered.load(Relaxed)
     );
-    let fanout: Vec<u64> = posted
+    // Per complete event: (POST send -> last subscriber, intended send -> last subscriber).
+    let (fanout, fanout_intended): (Vec<u64>, Vec<u64>) = posted
         .iter()
         .filter(|&&k| {
             let want = sh.repo_connected[k % plan.repos].load(Relaxed);
             want > 0 && sh.ev_got[k].load(Relaxed) >= want
         })
         .map(|&k| {
-            sh.ev_last_ns[k]
-                .load(Relaxed)
-                .saturating_sub(sh.ev_sent_ns[k].load(Relaxed))
+            let last = sh.ev_last_ns[k].load(Relaxed);
+            (
+                last.saturating_sub(sh.ev_sent_ns[k].load(Relaxed)),
+                last.saturating_sub(sh.ev_intended_ns[k].load(Relaxed)),
+            )
         })
-        .collect();
+        .unzip();
 
     // Disconnect everybody and collect the per-client reports.
     let _ = stop_tx.send(true);
@@ -301,6 +306,8 @@ pub(crate) async fn run_scenario(idx: usize, plan: &Plan, o: &Opts, target: &Tar
     );
     out.put_raw("latency_us", sh.latency.summary());
     out.put_raw("fanout_complete_us", summary_exact(fanout));
+    out.put_raw("latency_from_intended_us", sh.latency_intended.summary());
+    out.put_raw("fanout_complete_from_intended_us", summary_exact(fanout_intended));
     out.put_raw("events_http_us", summary_exact(ps.http_ns));
     out.put("server_cpu_s", json!(server_cpu.map(|c| round3(c as f64 / 1e9))));
     out.put(
