@@ -67,6 +67,22 @@
 //! - Logs: every `[ERROR]` line of both instances (all log files, the renamed ones
 //!   included) is explained by an injected fault; warnings are counted by cause.
 //!
+//! # Shapes (issues 17 and 18)
+//!
+//! `--shape NAME[,NAME]` or `--shape all` runs short hostile and bounds shapes instead
+//! of the mix, each on fresh instances, each bounded in count and time: `amplification`
+//! (connections that never read send ~256 KiB subscribe messages of ~87,000 empty
+//! entries: peak RSS, `/ping` latency, RSS after they leave), `idle-slots` (websockets
+//! that never subscribe fill `max_connections`: do a new client and `/ping` get in?),
+//! `log-flood` (8 KB `X-Forwarded-For` upgrades followed by an unmasked frame, and
+//! malformed requests: log bytes per second and per connection), `bus-burst` (a burst
+//! posted to A reaching B's subscribers through Redis, next to the same burst posted to
+//! B: B's peak RSS, pending deliveries and unsent output) and `gate-burst` (group-scoped
+//! events held by a locked SQLite group database and released together, next to the
+//! same burst of `repo-update`). A shape fails the run when a bound is crossed: peak RSS
+//! over the budget plus a margin, `/ping` too slow, output over the budget, too many log
+//! bytes. Sizes, bounds and their flags: the doc comment of `shapes.rs`.
+//!
 //! # Output
 //!
 //! Progress and a readable summary on stderr; one JSON object on stdout: parameters,
@@ -78,12 +94,15 @@
 //! lines by level and cause, `problems` and `verdict`.
 
 mod actors;
+mod bursts;
 mod cluster;
 #[path = "../common/mod.rs"]
 mod common;
 mod faults;
+mod hostile;
 mod population;
 mod run;
+mod shapes;
 
 use common::{num, parse_flags, raise_nofile_limit, random_key};
 use std::io::Write as _;
@@ -93,6 +112,7 @@ use std::time::Duration;
 use crate::cluster::{Instance, Redis, instance_conf};
 use crate::population::write_group_db;
 use crate::run::run;
+use crate::shapes::{Ground, SHAPES, ShapeOpts, run_shapes};
 
 /// Any single step of a churn, slow or dead connection may take this long.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -128,11 +148,15 @@ struct Opts {
     dead: usize,
     server_bin: Option<PathBuf>,
     keep: Option<PathBuf>,
+    /// Run these shapes (`--shape a,b` or `all`) instead of the mix.
+    shape: Option<String>,
+    shapes: ShapeOpts,
 }
 
 const USAGE: &str = "usage: cargo bench --bench chaos -- [--seconds 3600] [--steady 200] [--libraries 60] \
 [--users 40] [--groups 6] [--churners 8] [--rate 30] [--burst 300] [--slow 3] [--dead 3] \
-[--server-bin PATH] [--keep DIR]  (see the doc comment of bench/chaos/main.rs)";
+[--server-bin PATH] [--keep DIR] | --shape amplification,idle-slots,log-flood,bus-burst,gate-burst|all \
+[shape flags, see bench/chaos/shapes.rs]  (see the doc comment of bench/chaos/main.rs)";
 
 fn parse_args() -> Result<Opts, String> {
     let mut o = Opts {
@@ -148,6 +172,8 @@ fn parse_args() -> Result<Opts, String> {
         dead: 3,
         server_bin: None,
         keep: None,
+        shape: None,
+        shapes: ShapeOpts::default(),
     };
     parse_flags(USAGE, |flag, value| {
         match flag {
@@ -163,7 +189,8 @@ fn parse_args() -> Result<Opts, String> {
             "--dead" => o.dead = num(flag, &value()?)?,
             "--server-bin" => o.server_bin = Some(PathBuf::from(value()?)),
             "--keep" => o.keep = Some(PathBuf::from(value()?)),
-            _ => return Ok(false),
+            "--shape" => o.shape = Some(value()?),
+            _ => return o.shapes.flag(flag, value),
         }
         Ok(true)
     })?;
@@ -175,6 +202,13 @@ fn parse_args() -> Result<Opts, String> {
     }
     if o.steady < 2 || o.libraries < 6 || o.users < 2 || o.groups == 0 {
         return Err("need --steady >= 2, --libraries >= 6, --users >= 2, --groups >= 1".into());
+    }
+    o.shapes.check()?;
+    if let Some(names) = &o.shape
+        && names != "all"
+        && let Some(bad) = names.split(',').find(|n| !SHAPES.contains(n))
+    {
+        return Err(format!("unknown shape {bad}: one of {} or all", SHAPES.join(", ")));
     }
     Ok(o)
 }
@@ -225,6 +259,14 @@ fn main() {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("nschaos-{}", std::process::id())),
     };
+    if let Some(names) = &o.shape {
+        let names: Vec<&str> = if names == "all" {
+            SHAPES.to_vec()
+        } else {
+            names.split(',').collect()
+        };
+        std::process::exit(shapes_main(&names, &o, bin, root));
+    }
     let setup = || -> Result<(Redis, Vec<Instance>, PathBuf, String), String> {
         std::fs::create_dir_all(&root).map_err(|e| format!("mkdir {}: {e}", root.display()))?;
         let db = root.join("groupmgr.db");
@@ -276,4 +318,32 @@ fn main() {
     let _ = writeln!(stdout, "{out}");
     let _ = stdout.flush();
     std::process::exit(if problems.is_empty() { 0 } else { 1 });
+}
+
+/// Runs the shapes, prints their result lines; the exit status.
+fn shapes_main(names: &[&str], o: &Opts, bin: PathBuf, root: PathBuf) -> i32 {
+    if let Err(e) = std::fs::create_dir_all(&root) {
+        eprintln!("[chaos] mkdir {}: {e}", root.display());
+        return 2;
+    }
+    let ground = Ground {
+        bin,
+        root: root.clone(),
+        key: random_key(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (lines, pass) = rt.block_on(run_shapes(names, &o.shapes, &ground));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    if o.keep.is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    let mut stdout = std::io::stdout().lock();
+    for l in lines {
+        let _ = writeln!(stdout, "{l}");
+    }
+    let _ = stdout.flush();
+    if pass { 0 } else { 1 }
 }
