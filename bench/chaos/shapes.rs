@@ -7,8 +7,9 @@
 //!
 //! Bounds (each a flag):
 //! - peak RSS (VmHWM of the instance under attack) over what the shape may legitimately
-//!   hold (its baseline, the read buffers of the attack, the output budget
-//!   `--output-budget-mb`, 16) plus `--rss-margin-mb` (20);
+//!   hold (its baseline, the read buffers of the attack, and the output budget
+//!   `max_output_bytes` the instances get, `--output-budget-mb` 4: the same bursts taken
+//!   through `/events` stay under 1 MiB of unsent output) plus `--rss-margin-mb` (20);
 //! - RSS after the attackers left more than `--rss-return-mb` (4) over the baseline;
 //! - `/ping` (GET over a keep-alive connection every 10 ms from another connection,
 //!   during the attack): p99 over `--ping-p99-ms` (200) or max over `--ping-max-ms`
@@ -76,7 +77,7 @@ impl Default for ShapeOpts {
             burst_clients: 1000,
             burst_events: 5000,
             gate_hold_s: 2.0,
-            output_budget_mb: 16,
+            output_budget_mb: 4,
             rss_margin_mb: 20,
             rss_return_mb: 4,
             output_margin_mb: 4,
