@@ -15,10 +15,10 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant as TInstant, sleep, timeout};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cluster::{Instance, Redis};
+use crate::cluster::{Instance, Redis, scrape};
 use crate::common::{Fields, Http, rss_kb, sign, unix_now};
 use crate::population::{connect_ws, subscribe_msg, user_name, write_group_db};
-use crate::shapes::{Ground, PingLoop, ShapeOpts, Watch, check_output, check_peak, vm_hwm_kb};
+use crate::shapes::{Ground, PingLoop, ShapeOpts, Watch, check_output, check_peak, closes_by_reason, vm_hwm_kb};
 
 /// The library every burst goes to.
 const LIB: &str = "0b5e1d7c-burst-0000-0000-000000000001";
@@ -259,6 +259,7 @@ async fn burst(b: Burst<'_>, o: &ShapeOpts, key: &str, problems: &mut Vec<String
     let pings = ping.finish().await;
     let peaks = watch.finish().await;
     let hwm = vm_hwm_kb(pid).unwrap_or(0);
+    let closes = closes_by_reason(&scrape(b.subs_on.metrics).await.unwrap_or_default());
     let lock_result = lock.map(|(h, _)| h.join().unwrap_or_else(|_| Err("lock thread panicked".into())));
     let delivered = c.delivered.load(Relaxed);
     let closed = c.closed.load(Relaxed);
@@ -284,7 +285,7 @@ async fn burst(b: Burst<'_>, o: &ShapeOpts, key: &str, problems: &mut Vec<String
         "rss_connected_kb": base, "rss_peak_kb": hwm, "rss_peak_sampled_kb": peaks.rss_kb, "rss_bound_kb": rss_bound,
         "pending_deliveries_peak": peaks.pending_deliveries as u64,
         "output_bytes_peak": peaks.output_bytes as u64, "output_bytes_bound": output_bound,
-        "metrics_scrapes": peaks.scrapes,
+        "metrics_scrapes": peaks.scrapes, "server_closes": closes,
         "ping": pings.json(),
     }))
 }

@@ -18,7 +18,7 @@ use crate::OP_TIMEOUT;
 use crate::cluster::{metric_one, scrape};
 use crate::common::{Fields, Http, RssSettle, settle_rss};
 use crate::population::{connect_ws, subscribe_msg};
-use crate::shapes::{Ground, PingLoop, ShapeOpts, Watch, check_peak, file_len, ms, vm_hwm_kb};
+use crate::shapes::{Ground, PingLoop, ShapeOpts, Watch, check_peak, closes_by_reason, file_len, ms, vm_hwm_kb};
 
 /// The server's default `max_message_bytes`: the largest message an attacker can send.
 const MAX_MESSAGE_BYTES: usize = 262_144;
@@ -196,14 +196,7 @@ pub(crate) async fn amplification(
     out.put("output_bytes_peak", peaks.output_bytes as u64);
     out.put("pending_deliveries_peak", peaks.pending_deliveries as u64);
     out.put("ping", pings.json());
-    out.put(
-        "closes",
-        json!({
-            "slow_consumer": metric_one(&closes, "notification_closes_total{reason=\"slow_consumer\"}"),
-            "message_too_big": metric_one(&closes, "notification_closes_total{reason=\"message_too_big\"}"),
-            "protocol_error": metric_one(&closes, "notification_closes_total{reason=\"protocol_error\"}"),
-        }),
-    );
+    out.put("server_closes", closes_by_reason(&closes));
     out.put("attacker_errors", errors);
     inst.stop();
     Ok(())

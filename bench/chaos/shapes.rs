@@ -419,3 +419,15 @@ pub(crate) async fn run_shapes(names: &[&str], o: &ShapeOpts, ground: &Ground) -
 pub(crate) fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
+
+/// Every `notification_closes_total{reason="..."}` sample of a scrape, by reason.
+pub(crate) fn closes_by_reason(metrics: &str) -> serde_json::Map<String, serde_json::Value> {
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("notification_closes_total{reason=\"")?;
+            let (reason, rest) = rest.split_once("\"} ")?;
+            Some((reason.to_string(), json!(rest.trim().parse::<f64>().ok()?)))
+        })
+        .collect()
+}
