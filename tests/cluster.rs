@@ -456,3 +456,25 @@ fn a_publish_whose_reply_is_lost_is_retried_after_a_backoff_and_delivered_once()
         a.logs.all()
     );
 }
+
+#[test]
+fn a_stopped_and_resumed_instance_keeps_its_subscription() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis, 2, "");
+    let mut sub = nodes[1].ws();
+    sub.subscribe("r", "u");
+    // SIGSTOP then SIGCONT (a debugger, a VM snapshot, a container paused): the
+    // subscriber thread's blocking read with a timeout returns EINTR on resume, which
+    // used to be taken for a lost connection, and events were lost while it reconnected.
+    nodes[1].signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(200));
+    nodes[1].signal(libc::SIGCONT);
+    nodes[0].post(&repo_update("r", "after-resume"));
+    post_end(&nodes[0]);
+    assert_eq!(until_end(&mut sub), ["after-resume", "end"]);
+    assert_eq!(
+        log_lines(&nodes[1], "subscription lost"),
+        0,
+        "the resume was taken for a lost connection"
+    );
+}

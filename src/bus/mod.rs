@@ -190,6 +190,15 @@ fn backoff(attempt: u32) -> Duration {
     base / 2 + base.mul_f64(f64::from(nanos % 1000) / 2000.0)
 }
 
+/// A read that a signal interrupted: after SIGSTOP and SIGCONT (a debugger, a VM
+/// snapshot, a paused container), Linux ends a blocking read that has a timeout with
+/// EINTR instead of restarting it. Taken for a lost connection, it dropped the
+/// subscription, and what was published until it was back was lost. redis-rs keeps the
+/// I/O error private, so it is told by its text (`Interrupted system call (os error 4)`).
+fn interrupted(e: &redis::RedisError) -> bool {
+    e.is_io_error() && e.to_string().contains(&format!("(os error {})", libc::EINTR))
+}
+
 fn subscriber(
     client: redis::Client,
     channel: String,
@@ -219,6 +228,8 @@ fn subscriber(
                         pubsub.ping::<()>()?;
                         continue;
                     }
+                    // The parser keeps what it read, as after a timeout: read on.
+                    Err(e) if interrupted(&e) => continue,
                     Err(e) => return Err(e),
                 };
                 let payload: Vec<u8> = match msg.get_payload() {
