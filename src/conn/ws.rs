@@ -28,7 +28,7 @@ pub struct Tap<S> {
     /// Bytes this connection may still read in the current loop turn. At 0 the Tap
     /// answers `WouldBlock` without asking the socket, and tungstenite keeps any partial
     /// frame for the next turn.
-    allowance: usize,
+    allowance: u32,
     /// The allowance ran out: input may be left, and no edge will announce it.
     throttled: bool,
     /// Where the bytes handed to tungstenite stand relative to the client's frames.
@@ -36,14 +36,14 @@ pub struct Tap<S> {
     /// Past this many bytes of unfinished client messages over every websocket, a
     /// connection whose own unfinished message is larger than [`KEEP_READ_BUFFER`] is
     /// closed (a quarter of `max_output_bytes`).
-    input_budget: usize,
+    input_budget: u32,
     /// This connection's unfinished message took input past the budget.
     over_input: bool,
 }
 
 impl<S> Drop for Tap<S> {
     fn drop(&mut self) {
-        self.out.meter().move_input(self.scan.partial, 0);
+        self.out.meter().move_input(self.scan.partial as usize, 0);
     }
 }
 
@@ -53,14 +53,14 @@ impl<S: Read> Read for Tap<S> {
             self.throttled = true;
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let room = buf.len().min(self.allowance);
+        let room = buf.len().min(self.allowance as usize);
         let n = self.stream.read(buf.get_mut(..room).unwrap_or_default())?;
-        self.allowance -= n;
+        self.allowance = self.allowance.saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
         let before = self.scan.partial;
         self.scan.feed(buf.get(..n).unwrap_or_default());
         let meter = self.out.meter();
-        meter.move_input(before, self.scan.partial);
-        if meter.input() > self.input_budget && self.scan.partial as u64 > KEEP_READ_BUFFER {
+        meter.move_input(before as usize, self.scan.partial as usize);
+        if meter.input() > self.input_budget as usize && self.scan.partial > KEEP_READ_BUFFER {
             self.over_input = true;
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -89,44 +89,50 @@ impl<S> Write for Tap<S> {
 struct FrameScan {
     /// The current frame's header bytes seen so far (at most 14).
     head: [u8; 14],
-    head_len: usize,
-    /// Payload bytes of the current frame not handed yet; `None` while in the header.
-    payload_left: Option<u64>,
-    /// Frames that end a message (control frames, final data frames) handed in full.
-    units: u64,
+    head_len: u8,
+    /// In the current frame's payload (else in its header).
+    in_payload: bool,
+    /// Payload bytes of the current frame not handed yet.
+    payload_left: u64,
+    /// Frames that end a message (control frames, final data frames) handed in full
+    /// (wrapping: only compared for equality).
+    units: u32,
     /// A data frame without FIN was handed: a fragmented message is under way.
     in_message: bool,
     /// The largest frame handed since the last fresh buffer.
-    largest: u64,
+    largest: u32,
     /// Bytes handed since the last frame that ended a message: the unfinished message
     /// tungstenite holds (what the input budget counts).
-    partial: usize,
+    partial: u32,
 }
 
 impl FrameScan {
     fn feed(&mut self, mut bytes: &[u8]) {
         while let Some((&first, rest)) = bytes.split_first() {
-            if let Some(left) = self.payload_left {
+            if self.in_payload {
+                let left = self.payload_left;
                 let take = left.min(bytes.len() as u64);
-                self.partial += take as usize;
+                self.partial = self.partial.saturating_add(take as u32);
                 bytes = bytes.get(take as usize..).unwrap_or_default();
-                self.payload_left = Some(left - take);
+                self.payload_left = left - take;
                 if left == take {
                     self.end_frame();
                 }
                 continue;
             }
             bytes = rest;
-            self.partial += 1;
-            if let Some(slot) = self.head.get_mut(self.head_len) {
+            self.partial = self.partial.saturating_add(1);
+            if let Some(slot) = self.head.get_mut(usize::from(self.head_len)) {
                 *slot = first;
                 self.head_len += 1;
             }
             if let Some((head_len, payload)) = self.header()
-                && head_len == self.head_len
+                && head_len == usize::from(self.head_len)
             {
-                self.largest = self.largest.max(head_len as u64 + payload);
-                self.payload_left = Some(payload);
+                let size = u32::try_from(head_len as u64 + payload).unwrap_or(u32::MAX);
+                self.largest = self.largest.max(size);
+                self.in_payload = true;
+                self.payload_left = payload;
                 if payload == 0 {
                     self.end_frame();
                 }
@@ -137,7 +143,8 @@ impl FrameScan {
     /// The header's length and the payload's, once the bytes seen tell them.
     fn header(&self) -> Option<(usize, u64)> {
         let b1 = *self.head.get(1)?;
-        if self.head_len < 2 {
+        let seen = usize::from(self.head_len);
+        if seen < 2 {
             return None;
         }
         let ext = match b1 & 0x7f {
@@ -146,7 +153,7 @@ impl FrameScan {
             _ => 0,
         };
         let mask = if b1 & 0x80 != 0 { 4 } else { 0 };
-        if self.head_len < 2 + ext {
+        if seen < 2 + ext {
             return None;
         }
         let payload = match ext {
@@ -165,7 +172,7 @@ impl FrameScan {
         let control = b0 & 0x08 != 0;
         let fin = b0 & 0x80 != 0;
         if control || fin {
-            self.units += 1;
+            self.units = self.units.wrapping_add(1);
         }
         if !control {
             self.in_message = !fin;
@@ -174,18 +181,19 @@ impl FrameScan {
             self.partial = 0;
         }
         self.head_len = 0;
-        self.payload_left = None;
+        self.in_payload = false;
+        self.payload_left = 0;
     }
 
     /// Nothing half handed: the bytes handed end at a message's end.
     fn at_boundary(&self) -> bool {
-        self.head_len == 0 && self.payload_left.is_none() && !self.in_message
+        self.head_len == 0 && !self.in_payload && !self.in_message
     }
 }
 
 /// A read buffer that grew past this for a message is replaced by a fresh one once the
 /// message is read (a subscribe to a few libraries is far smaller).
-const KEEP_READ_BUFFER: u64 = 8 * 1024;
+const KEEP_READ_BUFFER: u32 = 8 * 1024;
 
 /// Longest close reason sent: a control frame holds 125 bytes, 2 of them the code.
 const MAX_CLOSE_REASON: usize = 120;
@@ -194,26 +202,32 @@ const MAX_CLOSE_REASON: usize = 120;
 /// subscribe entries took 1 ms to parse and came 64 to a turn: one connection held the
 /// loop, and everybody's pings and `/ping`, for 64 ms. A message larger than this is
 /// read over several turns (tungstenite keeps the partial frame).
-pub const READ_BYTES_PER_TURN: usize = 64 * 1024;
+pub const READ_BYTES_PER_TURN: u32 = 64 * 1024;
 
 /// Most subscribe or unsubscribe entries acted on for one websocket in one loop turn
 /// (each is a token check and maybe a reply); the message that crosses it is still
 /// handled whole, and a message lists at most `max_repos_per_connection`.
-pub const ENTRIES_PER_TURN: usize = 1024;
+pub const ENTRIES_PER_TURN: u32 = 1024;
 
 /// What one connection may still take in the current loop turn (besides the bytes,
 /// which the [`Tap`] counts).
 #[derive(Debug, Clone, Copy)]
 struct TurnBudget {
-    /// The loop turn this budget belongs to; a new turn starts a fresh budget.
-    turn: u64,
+    /// The loop turn this budget belongs to (its low 32 bits); a new turn starts a fresh
+    /// budget. (Counts are 32 bits: this is in every connection.)
+    turn: u32,
     /// Frames left: client messages and control frames alike (a flood of pings costs a
     /// read and a pong each, like a message).
-    frames: usize,
-    entries: usize,
+    frames: u32,
+    entries: u32,
     /// Bytes of client messages parsed in this turn (the cost of a 256 KiB message is its
     /// parse, whichever turn its bytes were read in).
-    parsed: usize,
+    parsed: u32,
+}
+
+/// The input budget of [`Tap`]: a quarter of `max_output_bytes`.
+fn input_budget(config: &Config) -> u32 {
+    u32::try_from(config.max_output_bytes / 4).unwrap_or(u32::MAX)
 }
 
 /// What one websocket read produced.
@@ -266,11 +280,11 @@ pub struct WsConn<S = crate::socket::Socket> {
     ws: WebSocketContext,
     /// Messages and control frames tungstenite gave back (compared with the frames the
     /// Tap handed it: equal means its buffer is empty).
-    units_read: u64,
+    units_read: u32,
     /// `max_unsent_bytes`: the most output a client that stopped reading may leave queued.
     max_unsent: usize,
     /// `max_repos_per_connection`: a message listing more is refused whole.
-    max_repos: usize,
+    max_repos: u32,
     peer: SocketAddr,
     forwarded_for: Option<Box<str>>,
     /// Last time any frame (or any byte) came in.
@@ -309,14 +323,14 @@ impl<S: Stream> WsConn<S> {
     ) -> WsConn<S> {
         let mut scan = FrameScan::default();
         scan.feed(&read_ahead);
-        meter.move_input(0, scan.partial);
+        meter.move_input(0, scan.partial as usize);
         let tap = Tap {
             stream,
             out: OutQueue::new(meter.clone()),
             allowance: READ_BYTES_PER_TURN,
             throttled: false,
             scan,
-            input_budget: config.max_output_bytes / 4,
+            input_budget: input_budget(config),
             over_input: false,
         };
         let ws = WebSocketContext::from_partially_read(read_ahead, Role::Server, Some(ws::socket_config(config)));
@@ -325,7 +339,7 @@ impl<S: Stream> WsConn<S> {
             ws,
             units_read: 0,
             max_unsent: config.max_unsent_bytes,
-            max_repos: config.max_repos_per_connection,
+            max_repos: u32::try_from(config.max_repos_per_connection).unwrap_or(u32::MAX),
             peer,
             forwarded_for,
             last_heard: now,
@@ -338,7 +352,7 @@ impl<S: Stream> WsConn<S> {
             // Turn 0 is before the reactor's first; it starts a fresh budget each turn.
             budget: TurnBudget {
                 turn: 0,
-                frames: config.max_messages_per_wakeup,
+                frames: u32::try_from(config.max_messages_per_wakeup).unwrap_or(u32::MAX),
                 entries: ENTRIES_PER_TURN,
                 parsed: 0,
             },
@@ -368,8 +382,8 @@ impl<S: Stream> WsConn<S> {
         let ws_config = ws::socket_config(config);
         self.ws.set_config(|c| *c = ws_config);
         self.max_unsent = config.max_unsent_bytes;
-        self.max_repos = config.max_repos_per_connection;
-        self.tap.input_budget = config.max_output_bytes / 4;
+        self.max_repos = u32::try_from(config.max_repos_per_connection).unwrap_or(u32::MAX);
+        self.tap.input_budget = input_budget(config);
     }
 
     /// Whether our Close frame is out.
@@ -414,12 +428,13 @@ impl<S: Stream> WsConn<S> {
     /// budget of frames, entries and bytes. Reading twice in one turn (through readiness
     /// and through the unread list) shares one budget.
     pub fn begin_turn(&mut self, turn: u64, frames: usize) {
+        let turn = turn as u32;
         if self.budget.turn == turn {
             return;
         }
         self.budget = TurnBudget {
             turn,
-            frames,
+            frames: u32::try_from(frames).unwrap_or(u32::MAX),
             entries: ENTRIES_PER_TURN,
             parsed: 0,
         };
@@ -430,7 +445,7 @@ impl<S: Stream> WsConn<S> {
 
     /// Bytes of client messages parsed in this turn so far.
     pub fn parsed_this_turn(&self) -> usize {
-        self.budget.parsed
+        self.budget.parsed as usize
     }
 
     /// Whether this turn's budget is spent while input may be left: the reactor must
@@ -515,7 +530,7 @@ impl<S: Stream> WsConn<S> {
                 Ok(msg) => {
                     self.last_heard = now;
                     self.budget.frames -= 1;
-                    self.units_read += 1;
+                    self.units_read = self.units_read.wrapping_add(1);
                     return match msg {
                         Message::Text(_) | Message::Binary(_) if self.close_deadline.is_some() => {
                             // Closing: data is read and dropped until the peer's Close.
@@ -580,6 +595,7 @@ impl<S: Stream> WsConn<S> {
 
     /// Spends `n` entries of this turn's budget (a subscribe or unsubscribe list).
     pub fn spend_entries(&mut self, n: usize) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
         self.budget.entries = self.budget.entries.saturating_sub(n);
     }
 
@@ -593,7 +609,10 @@ impl<S: Stream> WsConn<S> {
     }
 
     fn client_message(&mut self, payload: &[u8], close_by: Millis) -> WsRead {
-        self.budget.parsed += payload.len();
+        self.budget.parsed = self
+            .budget
+            .parsed
+            .saturating_add(u32::try_from(payload.len()).unwrap_or(u32::MAX));
         let read = self.parse_message(payload, close_by);
         self.give_back_read_buffer();
         read
@@ -621,7 +640,7 @@ impl<S: Stream> WsConn<S> {
     }
 
     fn parse_message(&mut self, payload: &[u8], close_by: Millis) -> WsRead {
-        match ws::parse_client(payload, self.max_repos) {
+        match ws::parse_client(payload, self.max_repos as usize) {
             Ok(msg) => WsRead::Msg(msg),
             Err(ws::BadMessage::TooManyRepos) => {
                 log::debug!(
