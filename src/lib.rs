@@ -7,6 +7,7 @@
 //!
 //! - [`config`]: every setting, its default, seafile.conf and environment, validation;
 //! - [`logging`]: the official log line format, log file, SIGUSR1 reopen;
+//! - [`logsafe`]: input values escaped and cut in log lines, peer-caused lines rate-limited;
 //! - [`metrics`]: counters, gauges and their Prometheus rendering;
 //! - [`sdnotify`]: systemd readiness, stopping, reloading and watchdog messages;
 //! - [`control`]: signals, reload, drain, watchdog, memory trim;
@@ -45,6 +46,7 @@ pub mod groups;
 pub mod http;
 pub mod lenient;
 pub mod logging;
+pub mod logsafe;
 pub mod metrics;
 #[cfg(test)]
 mod scripted;

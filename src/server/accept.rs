@@ -50,7 +50,8 @@ impl<L: Listen> Server<L> {
             // The metrics listener is for a local scraper: it is not held to the cap that
             // protects the public side, so a full server can still be observed.
             if from == Listener::Public && self.conns.len() >= self.config.max_connections {
-                log::warn!(
+                crate::logsafe::limited!(
+                    crate::logsafe::Kind::AtMaxConnections,
                     "at max_connections ({}): not accepting until a connection closes",
                     self.config.max_connections
                 );
