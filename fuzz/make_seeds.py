@@ -204,6 +204,12 @@ def main() -> None:
     write("conn", "ping_then_close", bytes([0x13, 0]) + PING + HEAD_PING)
     write("conn", "draining_upgrade", bytes([0x04, 0]) + upgrade())
     write("conn", "metrics_listener", bytes([0x08, 0]) + requests["metrics"])
+    # 1,500 pipelined pings read in one go: their answers pass the 64 KiB output cap, and
+    # must go on as the socket takes them, without a new readiness event; then the same
+    # from a client that half-closes.
+    pings = b"GET /ping HTTP/1.1\r\n\r\n" * 1500
+    write("conn", "pipelined_past_output_cap", bytes([0x00, 1, 0x1f]) + pings)
+    write("conn", "pipelined_past_output_cap_eof", bytes([0x10, 1, 0x1f]) + pings)
 
     # conn_ws: the harness sends the upgrade request; these are the client's frames.
     write("conn_ws", "session", bytes([0x10, 3, 0x1f, 0x3c, 0x5e]) + WS_SESSION)

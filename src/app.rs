@@ -58,6 +58,8 @@ pub enum Count {
     EventTokenRejected(TokenError),
     EventIgnored,
     EventInvalid,
+    /// Refused with 403: the sender's address is not in `events_allow`.
+    EventForbidden,
 }
 
 /// The application's answer to one request.
@@ -203,6 +205,7 @@ fn refuse_event(head: &Head, peer: SocketAddr, ctx: &Ctx) -> Option<Answer> {
             "refused event from {peer}: address not in events_allow"
         );
         return Some(Answer {
+            count: Some(Count::EventForbidden),
             body_unread: true,
             ..Answer::reply(http::plain(
                 403,
@@ -236,6 +239,7 @@ fn refuse_event(head: &Head, peer: SocketAddr, ctx: &Ctx) -> Option<Answer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Cidr;
 
     fn config() -> Config {
         Config {
@@ -245,7 +249,10 @@ mod tests {
     }
 
     fn ask(raw: &[u8], listener: Listener, draining: bool) -> Answer {
-        let config = config();
+        ask_with(config(), raw, listener, draining)
+    }
+
+    fn ask_with(config: Config, raw: &[u8], listener: Listener, draining: bool) -> Answer {
         let verifier = Verifier::new(&config.jwt_private_key);
         let ctx = Ctx {
             config: &config,
@@ -285,6 +292,19 @@ mod tests {
         );
         assert!(a.bytes.starts_with(b"HTTP/1.1 400 "));
         assert_eq!(a.count, Some(Count::EventTokenRejected(TokenError::Malformed)));
+        assert!(a.event.is_none());
+    }
+
+    #[test]
+    fn events_from_outside_events_allow_are_forbidden_and_counted() {
+        let config = Config {
+            events_allow: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+            ..config()
+        };
+        let raw = b"POST /events HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
+        let a = ask_with(config, raw, Listener::Public, false);
+        assert!(a.bytes.starts_with(b"HTTP/1.1 403 "));
+        assert_eq!(a.count, Some(Count::EventForbidden));
         assert!(a.event.is_none());
     }
 

@@ -27,6 +27,12 @@ const TRIM_EVERY_MS: Millis = 1_000;
 /// Below this peak, a crowd leaving is not worth a trim.
 const TRIM_MIN_PEAK: usize = 64;
 
+/// Below this peak of memory held for delivery (bytes), a burst draining is not worth a
+/// trim. Above it, a burst of output (events to stuck clients, or replies a flood of bad
+/// subscribes asked for) left RSS at its peak after it drained: 616 MB after one such
+/// client left, since the connection count never halved.
+const TRIM_MIN_OUTPUT_PEAK: usize = 4 * 1024 * 1024;
+
 /// Re-reads the configuration on SIGHUP.
 pub type Reloader = Box<dyn Fn() -> Result<(Config, Option<Backend>), String>>;
 
@@ -62,6 +68,8 @@ pub struct Control {
     drain_deadline: Option<Millis>,
     /// Most connections since the last memory trim, and when to look again.
     peak_conns: usize,
+    /// Most memory held for delivery (output, held events) since the last memory trim.
+    peak_output: usize,
     next_trim: Millis,
     /// When the key before the last reload stops being accepted (monotonic).
     previous_key_until: Option<Millis>,
@@ -77,6 +85,7 @@ impl Control {
             next_watchdog: 0,
             drain_deadline: None,
             peak_conns: 0,
+            peak_output: 0,
             next_trim: 0,
             previous_key_until: None,
         }
@@ -210,20 +219,34 @@ impl Control {
         }
     }
 
+    /// Records the memory held for delivery at the end of a step, for [`Self::trim_due`].
+    pub fn note_output(&mut self, held: usize) {
+        self.peak_output = self.peak_output.max(held);
+    }
+
     /// Whether to give memory back now: the slab and index keep their capacity, and the
     /// allocator keeps freed pages, so without a trim RSS stays at its peak forever. True
-    /// once the connections halved since the peak (checked every `TRIM_EVERY_MS`).
-    pub fn trim_due(&mut self, now: Millis, connections: usize) -> bool {
+    /// once the connections halved since their peak, or the memory held for delivery
+    /// fell to a quarter of its peak (checked every `TRIM_EVERY_MS`).
+    pub fn trim_due(&mut self, now: Millis, connections: usize, output: usize) -> bool {
         self.peak_conns = self.peak_conns.max(connections);
+        self.peak_output = self.peak_output.max(output);
         if now < self.next_trim {
             return false;
         }
         self.next_trim = now + TRIM_EVERY_MS;
-        if connections * 2 > self.peak_conns || self.peak_conns < TRIM_MIN_PEAK {
+        let crowd_left = connections * 2 <= self.peak_conns && self.peak_conns >= TRIM_MIN_PEAK;
+        let burst_drained = output * 4 <= self.peak_output && self.peak_output >= TRIM_MIN_OUTPUT_PEAK;
+        if !crowd_left && !burst_drained {
             return false;
         }
-        log::debug!("memory trimmed: {connections} connections, peak {}", self.peak_conns);
+        log::debug!(
+            "memory trimmed: {connections} connections (peak {}), {output} bytes held for delivery (peak {})",
+            self.peak_conns,
+            self.peak_output
+        );
         self.peak_conns = connections;
+        self.peak_output = output;
         true
     }
 }
@@ -244,11 +267,24 @@ mod tests {
     #[test]
     fn a_trim_follows_a_crowd_leaving_once() {
         let mut c = Control::new(None, None);
-        assert!(!c.trim_due(0, 1000));
-        assert!(!c.trim_due(1_000, 600), "not halved");
-        assert!(c.trim_due(2_000, 400));
-        assert!(!c.trim_due(3_000, 400), "already trimmed to this");
-        assert!(!c.trim_due(3_500, 10), "checked once a second");
+        assert!(!c.trim_due(0, 1000, 0));
+        assert!(!c.trim_due(1_000, 600, 0), "not halved");
+        assert!(c.trim_due(2_000, 400, 0));
+        assert!(!c.trim_due(3_000, 400, 0), "already trimmed to this");
+        assert!(!c.trim_due(3_500, 10, 0), "checked once a second");
+    }
+
+    #[test]
+    fn a_trim_follows_a_burst_of_output_draining_with_the_same_connections() {
+        let mut c = Control::new(None, None);
+        assert!(!c.trim_due(0, 10, 0));
+        // The burst came and went between two checks: the step recorded its peak.
+        c.note_output(600 << 20);
+        assert!(c.trim_due(1_000, 10, 100 << 20), "a sixth of the peak");
+        assert!(!c.trim_due(2_000, 10, 100 << 20), "already trimmed to this");
+        assert!(c.trim_due(3_000, 10, 0), "and the rest of it drained");
+        c.note_output(2 << 20);
+        assert!(!c.trim_due(4_000, 10, 0), "a small burst is not worth a trim");
     }
 
     #[test]

@@ -75,6 +75,20 @@ pub struct Event {
     pub origin: Origin,
 }
 
+impl Event {
+    /// The memory this event holds while it waits to be fanned out (its text, its
+    /// library id and user, and itself): what the output budget counts for it.
+    pub fn held_bytes(&self) -> usize {
+        let user = match &self.audience {
+            Audience::User(u) => u.len(),
+            // A group resolved by another instance: its member names, and a hash slot each.
+            Audience::Members(set) => set.iter().map(|m| m.len() + 2 * std::mem::size_of::<usize>()).sum(),
+            Audience::All | Audience::Group(_) => 0,
+        };
+        std::mem::size_of::<Event>() + self.frame.len() + self.repo_id.len() + user
+    }
+}
+
 /// What became of an `/events` body.
 #[derive(Debug, PartialEq)]
 pub enum Parsed {

@@ -84,6 +84,9 @@ pub struct Gate {
     /// Per library, the events held in arrival order behind a group event.
     held: HashMap<Box<str>, VecDeque<Event>>,
     held_count: usize,
+    /// The memory the held events take ([`Event::held_bytes`]), counted in the output
+    /// budget: held events are output not yet queued.
+    held_bytes: usize,
     pub counts: GroupCounts,
 }
 
@@ -98,6 +101,7 @@ impl Gate {
             failed: HashSet::new(),
             held: HashMap::new(),
             held_count: 0,
+            held_bytes: 0,
             counts: GroupCounts::default(),
         };
         gate.configure(config);
@@ -115,6 +119,11 @@ impl Gate {
     /// Events held right now.
     pub fn held(&self) -> usize {
         self.held_count
+    }
+
+    /// The memory the held events take.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     /// Lookups not answered yet.
@@ -135,8 +144,9 @@ impl Gate {
                 );
                 return None;
             }
-            queue.push_back(ev);
             self.held_count += 1;
+            self.held_bytes += ev.held_bytes();
+            queue.push_back(ev);
             return None;
         }
         match self.try_deliver(ev, now, resolver) {
@@ -144,8 +154,9 @@ impl Gate {
             Try::Done => None,
             Try::Wait(ev) => {
                 let key = Box::from(ev.repo_id.as_str());
-                self.held.insert(key, VecDeque::from([ev]));
                 self.held_count += 1;
+                self.held_bytes += ev.held_bytes();
+                self.held.insert(key, VecDeque::from([ev]));
                 None
             }
         }
@@ -211,13 +222,15 @@ impl Gate {
         for repo in repos {
             while let Some(ev) = self.held.get_mut(&repo).and_then(VecDeque::pop_front) {
                 self.held_count -= 1;
+                self.held_bytes -= ev.held_bytes();
                 match self.try_deliver(ev, now, resolver) {
                     Try::Go(go) => out.push(go),
                     Try::Done => {}
                     Try::Wait(ev) => {
                         if let Some(queue) = self.held.get_mut(&repo) {
-                            queue.push_front(ev);
                             self.held_count += 1;
+                            self.held_bytes += ev.held_bytes();
+                            queue.push_front(ev);
                         }
                         break;
                     }

@@ -239,6 +239,12 @@ impl Lookups {
     }
 }
 
+/// One group query on a fresh connection, without retries: the member count of
+/// `group`. For `--self-test`, which asks whether the database answers at all.
+pub fn query_once(backend: &Backend, group: i64, timeout: Duration) -> Result<usize, String> {
+    Db::new(backend.clone(), timeout).members(group).map(|m| m.len())
+}
+
 /// A connection to the backend, opened lazily and reopened after a failure.
 struct Db {
     backend: Backend,

@@ -9,6 +9,7 @@
 //! - [`logging`]: the official log line format, log file, SIGUSR1 reopen;
 //! - [`logsafe`]: input values escaped and cut in log lines, peer-caused lines rate-limited;
 //! - [`metrics`]: counters, gauges and their Prometheus rendering;
+//! - [`process_stats`]: the standard `process_*` metrics, read from /proc at scrape time;
 //! - [`sdnotify`]: systemd readiness, stopping, reloading and watchdog messages;
 //! - [`control`]: signals, reload, drain, watchdog, memory trim;
 //! - [`server`]: the reactor: accept, dispatch, sweep, ingest, fan-out, flush, teardown;
@@ -25,7 +26,9 @@
 //! - [`subs`]: the two-way subscription index;
 //! - [`groups`]: group membership lookups (MySQL, SQLite) on a helper thread;
 //! - [`bus`]: sharing events between instances through Redis pub/sub;
-//! - [`lenient`]: Go-compatible lenient JSON object access.
+//! - [`lenient`]: Go-compatible lenient JSON object access;
+//! - [`selftest`]: `--self-test`, the installation checked end to end from the command line;
+//! - [`watch`]: `--watch`, a test client that prints what a desktop client would get.
 
 // Nothing that input can reach may panic: these lints keep unwraps, expects, explicit
 // panics and unchecked indexing out of the server (tests may use them).
@@ -48,11 +51,14 @@ pub mod lenient;
 pub mod logging;
 pub mod logsafe;
 pub mod metrics;
+pub mod process_stats;
 #[cfg(test)]
 mod scripted;
 pub mod sdnotify;
+pub mod selftest;
 pub mod server;
 pub mod socket;
 pub mod subs;
 pub mod subscribe;
+pub mod watch;
 pub mod ws;

@@ -243,9 +243,13 @@ impl Kind {
             R::SlowConsumerBytes => Some(Kind::ClosedSlowConsumerBytes),
             R::SlowConsumerTime => Some(Kind::ClosedSlowConsumerTime),
             R::Protocol(_) => Some(Kind::ClosedProtocol),
-            R::PeerClosed | R::Done | R::HttpTimeout { idle: true } | R::CloseHandshake | R::Shutdown | R::Io(_) => {
-                None
-            }
+            R::PeerClosed
+            | R::Done
+            | R::HttpTimeout { idle: true }
+            | R::CloseHandshake
+            | R::Shutdown
+            | R::IdleAtCapacity
+            | R::Io(_) => None,
         }
     }
 
@@ -512,6 +516,7 @@ mod tests {
             R::Protocol("y".into()),
             R::CloseHandshake,
             R::Shutdown,
+            R::IdleAtCapacity,
             R::Io(std::io::ErrorKind::Other),
         ];
         // A warning (the peer's misbehaviour) is limited at WARNING; the rest is churn.

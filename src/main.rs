@@ -1,15 +1,20 @@
 //! `notification-server`: command line, configuration, logging, bind, run, exit code.
 
-use notification_server::config::{Config, DescriptorFit};
+use notification_server::config::{self, Config, DescriptorFit, Sources};
 use notification_server::groups::{self, Backend};
 use notification_server::logging::{self, Target};
+use notification_server::selftest::{self, client::Tls, client::Url};
 use notification_server::server::Server;
+use notification_server::watch::{self, Watch};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const USAGE: &str = "\
 Usage: notification-server -c CONFIG_DIR [-l LOG_FILE] [--check-config | --ping]
+       notification-server -c CONFIG_DIR --self-test [PUBLIC_URL] [--json] [--long]
+                           [--ca-file FILE] [--insecure]
+       notification-server -c CONFIG_DIR --watch LIBRARY_ID [URL] [--ca-file FILE] [--insecure]
 
 Seafile notification server (drop-in replacement for the official one).
 
@@ -22,6 +27,23 @@ Options:
   --ping          Ask the server this configuration describes for /ping (on loopback
                   when it listens on any address); exit 0 on a 200, else 1. A health
                   check for containers without a shell or curl.
+  --self-test [PUBLIC_URL]
+                  Check the installation end to end, with the server running: the
+                  configuration and key, the local server, the path through the reverse
+                  proxy at PUBLIC_URL (default: SEAFILE_SERVER_PROTOCOL and _HOSTNAME, or
+                  SERVICE_URL in DIR/seahub_settings.py or DIR/ccnet.conf), a signed
+                  event end to end, the group database, the Redis bus, open files, memory
+                  and clock. One line per check, PASS, WARN or FAIL with a fix; exit 0
+                  when nothing failed, else 1.
+  --json          With --self-test: print the result as one JSON document.
+  --long          With --self-test: keep the test websocket open 75 s (past nginx's
+                  default 60 s read timeout) instead of 5 s.
+  --watch LIBRARY_ID [URL]
+                  Subscribe to one library (locally, or through URL/notification) with a
+                  token signed by the key and print each of its events as a JSON line
+                  with its arrival time, until interrupted (exit 0).
+  --ca-file FILE  With --self-test or --watch: also trust the CA certificates in FILE (PEM).
+  --insecure      With --self-test or --watch: do not check the https certificate.
   -h, --help      Show this help.
   -V, --version   Show the version.
 
@@ -39,6 +61,11 @@ struct Args {
     log_file: Option<String>,
     check_only: bool,
     ping: bool,
+    self_test: bool,
+    /// `--self-test`'s options (`--ca-file` and `--insecure` also serve `--watch`).
+    test: selftest::Options,
+    /// `--watch LIBRARY_ID [URL]`.
+    watch: Option<(String, Option<String>)>,
 }
 
 /// Parses flags the way Go's `flag` package accepts them: `-c DIR`, `-c=DIR`, `--c DIR`.
@@ -47,6 +74,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
     let mut log_file = None;
     let mut check_only = false;
     let mut ping = false;
+    let mut self_test = false;
+    let mut test = selftest::Options::default();
+    let mut watch = None;
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -54,6 +84,11 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
             _ => (arg.clone(), None),
         };
         let name = name.strip_prefix("--").map(|n| format!("-{n}")).unwrap_or(name);
+        // An optional value: inline, or the next argument unless it is a flag.
+        let optional = |args: &mut std::iter::Peekable<_>| match inline.clone() {
+            Some(v) => Some(v),
+            None => args.next_if(|a: &String| !a.starts_with('-')),
+        };
         let mut value = |flag: &str| match inline.clone().or_else(|| args.next()) {
             Some(v) => Ok(v),
             None => Err(format!("flag needs an argument: {flag}")),
@@ -71,15 +106,44 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
             "-l" => log_file = Some(value("-l")?),
             "-check-config" => check_only = true,
             "-ping" => ping = true,
+            "-self-test" => {
+                self_test = true;
+                test.url = optional(&mut args);
+            }
+            "-json" => test.json = true,
+            "-long" => test.long = true,
+            "-ca-file" => test.ca_file = Some(PathBuf::from(value("--ca-file")?)),
+            "-insecure" => test.insecure = true,
+            "-watch" => {
+                let repo = value("--watch")?;
+                watch = Some((repo, args.next_if(|a| !a.starts_with('-'))));
+            }
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
     let config_dir = config_dir.ok_or_else(|| format!("config directory must be specified with -c\n\n{USAGE}"))?;
+    if (test.json || test.long) && !self_test {
+        return Err("--json and --long go with --self-test".into());
+    }
+    if (test.ca_file.is_some() || test.insecure) && !self_test && watch.is_none() {
+        return Err("--ca-file and --insecure go with --self-test or --watch".into());
+    }
+    if [self_test, watch.is_some(), ping, check_only]
+        .iter()
+        .filter(|m| **m)
+        .count()
+        > 1
+    {
+        return Err("--self-test, --watch, --ping and --check-config exclude each other".into());
+    }
     Ok(Some(Args {
         config_dir,
         log_file,
         check_only,
         ping,
+        self_test,
+        test,
+        watch,
     }))
 }
 
@@ -93,8 +157,8 @@ fn read_optional(path: &Path) -> Result<Option<String>, String> {
 }
 
 /// Reads `DIR/seafile.conf` and `DIR/ccnet.conf` if they exist and builds the
-/// configuration and the group database settings.
-fn load_config(dir: &Path) -> Result<(Config, Option<Backend>), String> {
+/// configuration and the group database settings, and says where each setting came from.
+fn load_config(dir: &Path) -> Result<(Config, Option<Backend>, Sources), String> {
     if !dir.is_dir() {
         return Err(format!("config directory {} doesn't exist", dir.display()));
     }
@@ -105,8 +169,8 @@ fn load_config(dir: &Path) -> Result<(Config, Option<Backend>), String> {
     // The path is Debug-quoted: it may come from an environment variable and hold a
     // newline, and a configuration error is one log line.
     let read_key = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{p:?}: cannot read: {e}"));
-    let config =
-        Config::load_with(text.as_deref().map(|t| (name.as_str(), t)), &env, &read_key).map_err(|e| e.to_string())?;
+    let (config, sources) =
+        Config::load_traced(text.as_deref().map(|t| (name.as_str(), t)), &env, &read_key).map_err(|e| e.to_string())?;
     let ccnet_path = dir.join("ccnet.conf");
     let ccnet = read_optional(&ccnet_path)?;
     let ccnet_name = ccnet_path.display().to_string();
@@ -117,7 +181,7 @@ fn load_config(dir: &Path) -> Result<(Config, Option<Backend>), String> {
         &groups::default_sqlite_path(dir),
     )
     .map_err(|e| e.to_string())?;
-    Ok((config, backend))
+    Ok((config, backend, sources))
 }
 
 /// Raises the soft open-file limit to the hard one, as every Go program does since Go
@@ -165,9 +229,62 @@ fn nofile_limit() -> Option<u64> {
 /// and on every reload, so a reload keeps the derived cap (and picks up a limit raised
 /// meanwhile with `prlimit`).
 fn load_fitted(dir: &Path) -> Result<(Config, Option<Backend>, DescriptorFit), String> {
-    let (mut config, groups) = load_config(dir)?;
+    let (mut config, groups, _) = load_config(dir)?;
     let fit = config.fit_to_descriptors(nofile_limit());
     Ok((config, groups, fit))
+}
+
+/// `--self-test`: the configuration as the server would load it, checked end to end.
+fn self_test(args: &Args) -> ExitCode {
+    let (config, backend, sources) = match load_config(&args.config_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            selftest::config_failed(&e, &args.test);
+            return ExitCode::FAILURE;
+        }
+    };
+    let loaded = selftest::Loaded {
+        config_dir: args.config_dir.clone(),
+        config,
+        sources,
+        backend,
+    };
+    if selftest::run(&loaded, &args.test) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `--watch LIBRARY_ID [URL]`: the test client, locally or through the public URL.
+fn watch(config: &Config, repo: &str, url: Option<&str>, args: &Args) -> ExitCode {
+    let options = &args.test;
+    let fail = |e: String| {
+        eprintln!("notification-server: {e}");
+        ExitCode::FAILURE
+    };
+    let tls = match Tls::new(options.ca_file.as_deref(), options.insecure) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let (url, path) = match url {
+        Some(text) => match Url::parse(text) {
+            Ok(u) => (u, "/notification"),
+            Err(e) => return fail(e),
+        },
+        None => match selftest::local_address(config) {
+            Some(addr) => (Url::local(addr), "/"),
+            None => return fail(format!("cannot resolve {}", config.listen_address())),
+        },
+    };
+    let w = Watch {
+        repo: repo.to_string(),
+        url,
+        path,
+        key: config.jwt_private_key.clone(),
+        tls,
+    };
+    ExitCode::from(watch::run(&w))
 }
 
 fn log_target(args: &Args) -> Result<Target, String> {
@@ -191,20 +308,10 @@ const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// health check. Exit 0 only on a 200.
 fn ping(config: &Config) -> ExitCode {
     use std::io::{Read, Write};
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
-    let mut addr = match config.listen_address().to_socket_addrs().map(|mut a| a.next()) {
-        Ok(Some(a)) => a,
-        _ => {
-            eprintln!("notification-server: cannot resolve {}", config.listen_address());
-            return ExitCode::FAILURE;
-        }
+    let Some(addr) = selftest::local_address(config) else {
+        eprintln!("notification-server: cannot resolve {}", config.listen_address());
+        return ExitCode::FAILURE;
     };
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr.ip() {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        });
-    }
     // The status line is all we look at: 12 bytes, "HTTP/1.1 200".
     let mut status = [0u8; 12];
     let result = std::net::TcpStream::connect_timeout(&addr, PING_TIMEOUT).and_then(|mut s| {
@@ -241,6 +348,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.self_test {
+        return self_test(&args);
+    }
     let raised = raise_nofile_limit();
     let (config, groups, fit) = match load_fitted(&args.config_dir) {
         Ok(c) => c,
@@ -251,6 +361,9 @@ fn main() -> ExitCode {
     };
     if args.ping {
         return ping(&config);
+    }
+    if let Some((repo, url)) = &args.watch {
+        return watch(&config, repo, url.as_deref(), &args);
     }
     if args.check_only {
         println!("configuration OK: would listen on {}", config.listen_address());
@@ -282,6 +395,9 @@ fn main() -> ExitCode {
         Ok(Some((from, to))) => log::info!("raised the open-file limit from {from} to the hard limit {to}"),
         Ok(None) => {}
         Err(e) => log::warn!("cannot raise the open-file limit to the hard limit: {e}"),
+    }
+    if let Some(weakness) = config::key_weakness(&config.jwt_private_key) {
+        log::warn!("{weakness}; {}", config::GENERATE_HINT);
     }
     if fit.is_warning() {
         log::warn!("{fit}");
@@ -342,5 +458,36 @@ mod tests {
         assert!(parse(&["-c", "/d", "--bogus"]).is_err());
         assert!(parse(&["-c", "/d", "--check-config"]).unwrap().unwrap().check_only);
         assert!(parse(&["-c", "/d", "--ping"]).unwrap().unwrap().ping);
+    }
+
+    #[test]
+    fn self_test_and_watch_flags() {
+        let a = parse(&["-c", "/d", "--self-test"]).unwrap().unwrap();
+        assert!(a.self_test);
+        assert_eq!(a.test.url, None);
+        let a = parse(&["-c", "/d", "--self-test", "https://h", "--json", "--long"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.test.url.as_deref(), Some("https://h"));
+        assert!(a.test.json && a.test.long);
+        let a = parse(&["-c", "/d", "--self-test", "--insecure", "--ca-file=/ca.pem"])
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.test.url, a.test.insecure), (None, true));
+        assert_eq!(a.test.ca_file, Some(PathBuf::from("/ca.pem")));
+        let a = parse(&["-c", "/d", "--self-test=http://x:81"]).unwrap().unwrap();
+        assert_eq!(a.test.url.as_deref(), Some("http://x:81"));
+        let a = parse(&["-c", "/d", "--watch", "r1", "https://h", "--insecure"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.watch, Some(("r1".to_string(), Some("https://h".to_string()))));
+        assert_eq!(
+            parse(&["-c", "/d", "--watch", "r1"]).unwrap().unwrap().watch.unwrap().1,
+            None
+        );
+        assert!(parse(&["-c", "/d", "--watch"]).is_err());
+        assert!(parse(&["-c", "/d", "--json"]).is_err());
+        assert!(parse(&["-c", "/d", "--insecure"]).is_err());
+        assert!(parse(&["-c", "/d", "--self-test", "--ping"]).is_err());
     }
 }

@@ -6,6 +6,7 @@
 
 use crate::auth::TokenError;
 use crate::event::Kind;
+use crate::process_stats::ProcessStats;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -91,6 +92,8 @@ pub struct Stats {
     events: [u64; 4],
     pub events_ignored: u64,
     pub events_invalid: u64,
+    /// `/events` requests refused because the sender is not in `events_allow`.
+    pub events_forbidden: u64,
     pub deliveries: u64,
     /// Times unsent output reached `max_output_bytes` and ingest paused.
     pub output_budget_hits: u64,
@@ -110,6 +113,7 @@ impl Default for Stats {
             events: [0; 4],
             events_ignored: 0,
             events_invalid: 0,
+            events_forbidden: 0,
             deliveries: 0,
             output_budget_hits: 0,
             event_token_rejections: [0; 8],
@@ -179,7 +183,12 @@ pub struct Gauges {
     pub accept_paused: bool,
     pub draining: bool,
     pub group_database: bool,
-    pub resident_bytes: u64,
+    /// `max_connections` as configured (or derived from the open-file limit).
+    pub max_connections: u64,
+    /// `max_output_bytes` as configured: the budget `output_bytes` is held to.
+    pub max_output_bytes: u64,
+    /// CPU, memory and descriptors, read at scrape time.
+    pub process: ProcessStats,
     /// The Redis bus, when configured.
     pub bus: Option<BusGauges>,
 }
@@ -192,6 +201,8 @@ pub struct BusGauges {
     pub received: u64,
     pub dropped: u64,
     pub ignored: u64,
+    /// Outgoing messages Redis answered PUBLISH for with an error.
+    pub refused: u64,
 }
 
 /// Renders the Prometheus text exposition format (version 0.0.4).
@@ -253,10 +264,11 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
     metric(
         "notification_events_refused_total",
         "counter",
-        "Event bodies answered without delivery: ignored (200: unknown type, bad content) or invalid (500).",
+        "/events requests answered without delivery: ignored (200: unknown type, bad content), invalid (500), forbidden (403: sender not in events_allow). Bad tokens are in notification_token_rejections_total.",
         &[
             ("{outcome=\"ignored\"}".into(), s.events_ignored.to_string()),
             ("{outcome=\"invalid\"}".into(), s.events_invalid.to_string()),
+            ("{outcome=\"forbidden\"}".into(), s.events_forbidden.to_string()),
         ],
     );
     metric(
@@ -336,7 +348,7 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
     metric(
         "notification_output_bytes",
         "gauge",
-        "Memory held for unsent websocket output: shared frames, queue entries, control frames.",
+        "Memory held for delivery, what max_output_bytes bounds: unsent websocket output (shared frames, queue entries, replies, control frames) and events held for a group lookup or released and not yet fanned out.",
         &one(g.output_bytes),
     );
     metric(
@@ -394,25 +406,65 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
         &s.flush_wait.samples(),
     );
     metric(
-        "process_resident_memory_bytes",
+        "notification_max_connections",
         "gauge",
-        "Resident memory size in bytes.",
-        &one(g.resident_bytes),
+        "max_connections: the connection cap (accepting pauses at it).",
+        &one(g.max_connections),
     );
+    metric(
+        "notification_max_output_bytes",
+        "gauge",
+        "max_output_bytes: the budget for notification_output_bytes (no new events are taken at it).",
+        &one(g.max_output_bytes),
+    );
+    metric(
+        "notification_build_info",
+        "gauge",
+        "Always 1; the version of this server in a label.",
+        &[(format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), "1".into())],
+    );
+    if let Some(bus) = &g.bus {
+        metric(
+            "notification_bus_connected",
+            "gauge",
+            "1 while both Redis connections of the bus (subscriber and publisher) are up.",
+            &one(bus.connected as u64),
+        );
+        metric(
+            "notification_bus_published_total",
+            "counter",
+            "Events published to the Redis channel for the other instances.",
+            &one(bus.published),
+        );
+        metric(
+            "notification_bus_received_total",
+            "counter",
+            "Events received from the other instances through the Redis channel.",
+            &one(bus.received),
+        );
+        metric(
+            "notification_bus_refused_total",
+            "counter",
+            "Events Redis refused to publish (an error reply, e.g. an ACL without +publish): delivered locally only.",
+            &one(bus.refused),
+        );
+        metric(
+            "notification_bus_dropped_total",
+            "counter",
+            "Bus messages dropped: outgoing ones while Redis was away too long, incoming ones while the loop fell behind.",
+            &one(bus.dropped),
+        );
+        metric(
+            "notification_bus_ignored_total",
+            "counter",
+            "Messages on the Redis channel that were malformed or foreign.",
+            &one(bus.ignored),
+        );
+    }
+    for (name, kind, help, value) in g.process.metrics() {
+        metric(name, kind, help, &[(String::new(), value)]);
+    }
     out
-}
-
-/// Resident memory of this process, from /proc (0 where unavailable).
-pub fn resident_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * u64::try_from(page).unwrap_or(4096)
 }
 
 #[cfg(test)]
@@ -425,6 +477,7 @@ mod tests {
         s.event(Kind::RepoUpdate);
         s.event(Kind::RepoUpdate);
         s.client_token_rejected(TokenError::Expired);
+        s.events_forbidden = 4;
         s.closed("pong_timeout");
         s.turn(0.0001);
         s.turn(2.0);
@@ -437,6 +490,7 @@ mod tests {
         assert!(text.contains("notification_events_received_total{type=\"repo-update\"} 2\n"));
         assert!(text.contains("notification_token_rejections_total{token=\"client\",cause=\"expired\"} 1\n"));
         assert!(text.contains("notification_closes_total{reason=\"pong_timeout\"} 1\n"));
+        assert!(text.contains("notification_events_refused_total{outcome=\"forbidden\"} 4\n"));
         assert!(text.contains("notification_loop_turn_seconds_bucket{le=\"0.0002\"} 1\n"));
         assert!(text.contains("notification_loop_turn_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(text.contains("# TYPE notification_deliveries_total counter\n"));
@@ -452,7 +506,65 @@ mod tests {
     }
 
     #[test]
-    fn resident_memory_is_read() {
-        assert!(resident_bytes() > 0);
+    fn renders_limits_build_info_and_process_metrics() {
+        let g = Gauges {
+            max_connections: 65472,
+            max_output_bytes: 67_108_864,
+            process: ProcessStats {
+                open_fds: 9,
+                max_fds: 65536,
+                ..ProcessStats::default()
+            },
+            ..Gauges::default()
+        };
+        let text = render(&Stats::default(), &g);
+        assert!(text.contains("notification_max_connections 65472\n"));
+        assert!(text.contains("notification_max_output_bytes 67108864\n"));
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(text.contains(&format!("notification_build_info{{version=\"{version}\"}} 1\n")));
+        for line in [
+            "# TYPE process_cpu_seconds_total counter\n",
+            "process_open_fds 9\n",
+            "process_max_fds 65536\n",
+            "# TYPE process_start_time_seconds gauge\n",
+            "# TYPE process_resident_memory_bytes gauge\n",
+            "# TYPE process_virtual_memory_bytes gauge\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing in\n{text}");
+        }
+        // No bus configured: no bus metrics (an alert on them stays quiet).
+        assert!(!text.contains("notification_bus_"), "{text}");
+    }
+
+    #[test]
+    fn renders_the_bus_when_configured() {
+        let g = Gauges {
+            bus: Some(BusGauges {
+                connected: true,
+                published: 5,
+                received: 7,
+                dropped: 1,
+                ignored: 2,
+                refused: 3,
+            }),
+            ..Gauges::default()
+        };
+        let text = render(&Stats::default(), &g);
+        for line in [
+            "notification_bus_connected 1\n",
+            "notification_bus_published_total 5\n",
+            "notification_bus_received_total 7\n",
+            "notification_bus_dropped_total 1\n",
+            "notification_bus_ignored_total 2\n",
+            "notification_bus_refused_total 3\n",
+            "# TYPE notification_bus_received_total counter\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing in\n{text}");
+        }
+        let down = Gauges {
+            bus: Some(BusGauges::default()),
+            ..Gauges::default()
+        };
+        assert!(render(&Stats::default(), &down).contains("notification_bus_connected 0\n"));
     }
 }

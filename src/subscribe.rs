@@ -1,7 +1,10 @@
 //! What a websocket client's messages do: the subscribe policy. A subscription needs a
 //! client token for that library (checked by `auth`); a refused one is answered with
 //! `jwt-expired` for that library; past `max_repos_per_connection` the connection is
-//! closed. Pure: the subscription index changes here, the replies go back to the reactor,
+//! closed. A subscribe that lists more libraries than that is refused as a whole before
+//! any entry is looked at: each refused entry costs a token check and a reply of about
+//! 100 bytes, so an unbounded list let one 256 KiB message of `{}` entries make the
+//! server queue 9 MB of replies. Pure: the subscription index changes here, the replies go back to the reactor,
 //! which queues them on the socket.
 
 use crate::auth::Verifier;
@@ -30,6 +33,9 @@ pub struct Policy<'a> {
 pub fn apply(msg: ClientMsg, key: ConnKey, subs: &mut Subs, policy: &Policy, stats: &mut Stats) -> Vec<Reply> {
     let mut replies = Vec::new();
     match msg {
+        ClientMsg::Subscribe(repos) if repos.len() > policy.max_repos => {
+            replies.push(Reply::TooManySubscriptions);
+        }
         ClientMsg::Subscribe(repos) => {
             for (repo_id, token) in repos {
                 match policy.verifier.verify_client(&token, &repo_id, policy.unix_now) {
@@ -91,7 +97,7 @@ mod tests {
         let verifier = Verifier::new(b"k");
         let policy = Policy {
             verifier: &verifier,
-            max_repos: 2,
+            max_repos: 3,
             unix_now: NOW,
         };
         let (mut subs, mut stats) = (Subs::default(), Stats::default());
@@ -105,14 +111,41 @@ mod tests {
             [Reply::JwtExpired("r2".into())]
         );
         assert!(subs.is_subscribed(0, "r1") && subs.is_subscribed(0, "r3"));
-        // Renewing an existing subscription is never over the cap; a third library is.
-        let msg = ClientMsg::Subscribe(vec![("r1".into(), token("r1", "u")), ("r4".into(), token("r4", "u"))]);
+        // Renewing an existing subscription is never over the cap; a fourth library is.
+        let msg = ClientMsg::Subscribe(vec![
+            ("r1".into(), token("r1", "u")),
+            ("r4".into(), token("r4", "u")),
+            ("r5".into(), token("r5", "u")),
+        ]);
         assert_eq!(
             apply(msg, 0, &mut subs, &policy, &mut stats),
             [Reply::TooManySubscriptions]
         );
+        assert!(subs.is_subscribed(0, "r4") && !subs.is_subscribed(0, "r5"));
         let msg = ClientMsg::Unsubscribe(vec!["r1".into()]);
         assert!(apply(msg, 0, &mut subs, &policy, &mut stats).is_empty());
-        assert_eq!(subs.count(0), 1);
+        assert_eq!(subs.count(0), 2);
+    }
+
+    #[test]
+    fn a_list_longer_than_the_cap_is_refused_whole_before_any_entry_is_checked() {
+        let verifier = Verifier::new(b"k");
+        let policy = Policy {
+            verifier: &verifier,
+            max_repos: 2,
+            unix_now: NOW,
+        };
+        let (mut subs, mut stats) = (Subs::default(), Stats::default());
+        let msg = ClientMsg::Subscribe(vec![
+            ("r1".into(), token("r1", "u")),
+            (String::new(), String::new()),
+            (String::new(), String::new()),
+        ]);
+        assert_eq!(
+            apply(msg, 0, &mut subs, &policy, &mut stats),
+            [Reply::TooManySubscriptions],
+            "no jwt-expired for the bad entries"
+        );
+        assert_eq!(subs.count(0), 0, "not even the good entry: no entry was looked at");
     }
 }

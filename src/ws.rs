@@ -5,7 +5,9 @@
 use crate::config::Config;
 use crate::http::{self, Head};
 use crate::lenient::Object;
+use serde::de::{self, Deserializer as _, SeqAccess, Visitor};
 use serde_json::value::RawValue;
+use std::cell::Cell;
 use tungstenite::protocol::WebSocketConfig;
 
 /// Checks an upgrade request as gorilla/websocket does, in its order, and returns the
@@ -84,35 +86,69 @@ pub enum ClientMsg {
     Unsubscribe(Vec<String>),
 }
 
+impl ClientMsg {
+    /// How many libraries it lists (the work it asks for).
+    pub fn entries(&self) -> usize {
+        match self {
+            ClientMsg::Subscribe(repos) => repos.len(),
+            ClientMsg::Unsubscribe(repos) => repos.len(),
+        }
+    }
+}
+
+/// Why a client message is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BadMessage {
+    /// Not one of the two messages (bad JSON, unknown type, wrong shapes): Close 1003.
+    Invalid(&'static str),
+    /// It lists more libraries than `max_repos_per_connection`: Close 1008, before any
+    /// entry is looked at.
+    TooManyRepos,
+}
+
+impl std::fmt::Display for BadMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadMessage::Invalid(why) => f.write_str(why),
+            BadMessage::TooManyRepos => f.write_str("too many subscriptions"),
+        }
+    }
+}
+
 /// Parses a text or binary frame's payload. Anything else than the two messages (bad
-/// JSON, unknown type, missing content, wrong shapes) is an error, and closes the socket.
-pub fn parse_client(payload: &[u8]) -> Result<ClientMsg, &'static str> {
-    let text = std::str::from_utf8(payload).map_err(|_| "message is not UTF-8")?;
-    let top = Object::parse(text).map_err(|_| "message is not a JSON object")?;
+/// JSON, unknown type, missing content, wrong shapes) is an error, and closes the socket;
+/// so is a list of more than `max_repos` libraries, found at entry `max_repos + 1`
+/// without building or looking at the rest (a 256 KiB message holds 87,000 `{}`; the
+/// message is still scanned once, as valid JSON).
+pub fn parse_client(payload: &[u8], max_repos: usize) -> Result<ClientMsg, BadMessage> {
+    use BadMessage::Invalid;
+    let text = std::str::from_utf8(payload).map_err(|_| Invalid("message is not UTF-8"))?;
+    let top = Object::parse(text).map_err(|_| Invalid("message is not a JSON object"))?;
     let kind = top
         .string("type")
-        .map_err(|_| "type is not a string")?
+        .map_err(|_| Invalid("type is not a string"))?
         .unwrap_or_default();
-    let content = top.get("content").ok_or("message has no content")?;
+    let content = top.get("content").ok_or(Invalid("message has no content"))?;
     // Go decodes `"content": null` into an empty request: a no-op, not an error.
     let repos: Vec<&RawValue> = if content.get() == "null" {
         Vec::new()
     } else {
-        let content = Object::parse(content.get()).map_err(|_| "content is not an object")?;
+        let content = Object::parse(content.get()).map_err(|_| Invalid("content is not an object"))?;
         match content.get("repos") {
             None => Vec::new(),
-            Some(r) => serde_json::from_str::<Option<Vec<&RawValue>>>(r.get())
-                .map_err(|_| "repos is not a list")?
-                .unwrap_or_default(),
+            Some(r) if r.get() == "null" => Vec::new(),
+            Some(r) => bounded_list(r.get(), max_repos)?,
         }
     };
     match kind.as_str() {
         "subscribe" => {
             let mut out = Vec::with_capacity(repos.len());
             for raw in repos {
-                let repo = Object::parse(raw.get()).map_err(|_| "a subscribe entry is not an object")?;
-                let id = repo.string("id").map_err(|_| "a repo id is not a string")?;
-                let token = repo.string("jwt_token").map_err(|_| "a jwt_token is not a string")?;
+                let repo = Object::parse(raw.get()).map_err(|_| Invalid("a subscribe entry is not an object"))?;
+                let id = repo.string("id").map_err(|_| Invalid("a repo id is not a string"))?;
+                let token = repo
+                    .string("jwt_token")
+                    .map_err(|_| Invalid("a jwt_token is not a string"))?;
                 out.push((id.unwrap_or_default(), token.unwrap_or_default()));
             }
             Ok(ClientMsg::Subscribe(out))
@@ -125,16 +161,49 @@ pub fn parse_client(payload: &[u8]) -> Result<ClientMsg, &'static str> {
                 let id = match serde_json::from_str::<String>(raw.get()) {
                     Ok(id) => id,
                     Err(_) => Object::parse(raw.get())
-                        .map_err(|_| "an unsubscribe entry is neither an object nor a string")?
+                        .map_err(|_| Invalid("an unsubscribe entry is neither an object nor a string"))?
                         .string("id")
-                        .map_err(|_| "a repo id is not a string")?
+                        .map_err(|_| Invalid("a repo id is not a string"))?
                         .unwrap_or_default(),
                 };
                 out.push(id);
             }
             Ok(ClientMsg::Unsubscribe(out))
         }
-        _ => Err("unknown message type"),
+        _ => Err(Invalid("unknown message type")),
+    }
+}
+
+/// The entries of a JSON list, as raw values, refusing a list of more than `max` entries
+/// as soon as entry `max + 1` is met.
+fn bounded_list(text: &str, max: usize) -> Result<Vec<&RawValue>, BadMessage> {
+    struct Bounded<'c> {
+        max: usize,
+        over: &'c Cell<bool>,
+    }
+    impl<'de> Visitor<'de> for Bounded<'_> {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+                if out.len() == self.max {
+                    self.over.set(true);
+                    return Err(de::Error::custom("too many entries"));
+                }
+                out.push(raw);
+            }
+            Ok(out)
+        }
+    }
+    let over = Cell::new(false);
+    let mut de = serde_json::Deserializer::from_str(text);
+    match de.deserialize_seq(Bounded { max, over: &over }) {
+        Ok(list) => Ok(list),
+        Err(_) if over.get() => Err(BadMessage::TooManyRepos),
+        Err(_) => Err(BadMessage::Invalid("repos is not a list")),
     }
 }
 
@@ -189,7 +258,10 @@ mod tests {
 
     #[test]
     fn client_messages() {
-        let m = parse_client(br#"{"type":"subscribe","content":{"repos":[{"id":"r1","jwt_token":"t1"},{"id":"r2"}]}}"#);
+        let m = parse_client(
+            br#"{"type":"subscribe","content":{"repos":[{"id":"r1","jwt_token":"t1"},{"id":"r2"}]}}"#,
+            2,
+        );
         assert_eq!(
             m,
             Ok(ClientMsg::Subscribe(vec![
@@ -197,12 +269,12 @@ mod tests {
                 ("r2".into(), String::new())
             ]))
         );
-        let m = parse_client(br#"{"type":"unsubscribe","content":{"repos":[{"id":"r1"},"r2"]}}"#);
+        let m = parse_client(br#"{"type":"unsubscribe","content":{"repos":[{"id":"r1"},"r2"]}}"#, 2);
         assert_eq!(m, Ok(ClientMsg::Unsubscribe(vec!["r1".into(), "r2".into()])));
-        let m = parse_client(br#"{"Type":"subscribe","Content":{"Repos":null,"x":1},"y":2}"#);
+        let m = parse_client(br#"{"Type":"subscribe","Content":{"Repos":null,"x":1},"y":2}"#, 2);
         assert_eq!(m, Ok(ClientMsg::Subscribe(vec![])));
         assert_eq!(
-            parse_client(br#"{"type":"subscribe","content":null}"#),
+            parse_client(br#"{"type":"subscribe","content":null}"#, 2),
             Ok(ClientMsg::Subscribe(vec![]))
         );
     }
@@ -221,7 +293,23 @@ mod tests {
             br#"{"type":"unsubscribe","content":{"repos":[5]}}"#,
             br#"[]"#,
         ] {
-            assert!(parse_client(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                matches!(parse_client(bad, 10), Err(BadMessage::Invalid(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
+    }
+
+    #[test]
+    fn a_list_over_the_cap_is_refused_at_the_entry_past_it() {
+        let three = br#"{"type":"subscribe","content":{"repos":[{},{},{}]}}"#;
+        assert_eq!(parse_client(three, 2), Err(BadMessage::TooManyRepos));
+        assert!(matches!(parse_client(three, 3), Ok(ClientMsg::Subscribe(r)) if r.len() == 3));
+        let unsub = br#"{"type":"unsubscribe","content":{"repos":["a","b","c"]}}"#;
+        assert_eq!(parse_client(unsub, 2), Err(BadMessage::TooManyRepos));
+        // A list within the cap must still be a list.
+        let not_list = br#"{"type":"subscribe","content":{"repos":[{},!!!]}}"#;
+        assert!(matches!(parse_client(not_list, 5), Err(BadMessage::Invalid(_))));
     }
 }

@@ -369,8 +369,9 @@ fn connection_cap_pauses_accept_and_resumes() {
     let server = Server::start("max_connections = 4");
     let mut healthy = Healthy::new(&server);
     let mut others: Vec<Ws> = (0..3).map(|_| server.ws()).collect();
-    for o in &mut others {
-        o.sync();
+    // Subscribed clients: a websocket subscribed to nothing would give its slot up.
+    for (i, o) in others.iter_mut().enumerate() {
+        o.subscribe(&format!("cap-{i}"), "u@x");
     }
     // The fifth waits in the kernel's backlog: no answer while the cap holds.
     let mut fifth = connect(server.addr);

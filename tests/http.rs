@@ -1119,3 +1119,96 @@ fn pipelining_without_reading_answers_is_bounded() {
         "the server grew by {grown_kb} KiB while a client pipelined {sent} bytes of requests without reading"
     );
 }
+
+/// Writes `n` pipelined pings in one write (half-closing after them if asked) and reads
+/// answers until `n` came or the server stopped answering; returns how many came and,
+/// after a half-close, whether the server then closed (EOF) rather than went silent.
+fn pipelined_pings(server: &Server, n: usize, half_close: bool) -> (usize, bool) {
+    let mut s = connect(server.addr);
+    s.write_all(&b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n".repeat(n))
+        .unwrap();
+    if half_close {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut answered = 0;
+    while answered < n {
+        match read_response(&mut s, false) {
+            Some(r) => {
+                assert_pong(&r, &format!("pipelined ping {answered}"));
+                answered += 1;
+            }
+            None => break,
+        }
+    }
+    (answered, half_close && answered == n && closed_by_server(&mut s))
+}
+
+#[test]
+fn pipelined_requests_past_the_output_cap_are_all_answered() {
+    // 1,500 pings (46 KB) in one write: their answers (123 KB) pass the 64 KiB of output
+    // the server lets wait before it stops answering. A write that empties the output
+    // must let it go on with the complete requests it already read, though no new
+    // readiness edge will come for them.
+    let server = Server::start("");
+    let plain = pipelined_pings(&server, 1_500, false).0;
+    // The same, with the client half-closing after its requests: all answers, then EOF.
+    let half_closed = pipelined_pings(&server, 1_500, true);
+    assert_eq!(
+        (plain, half_closed),
+        (1_500, (1_500, true)),
+        "answers stopped with complete requests buffered (plain, then half-closed and whether EOF came)"
+    );
+    server.assert_alive();
+}
+
+// ---- urgent data ----
+
+/// Sends `bytes` with `MSG_OOB`: the last of them is TCP urgent data.
+fn send_urgent(s: &TcpStream, bytes: &[u8]) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: send on a socket we own, from a live buffer of the given length.
+    let sent = unsafe { libc::send(s.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_OOB) };
+    assert_eq!(sent, bytes.len() as isize, "send: {}", std::io::Error::last_os_error());
+}
+
+/// Waits until the process is stopped (state `T` in /proc).
+fn wait_stopped(pid: i32) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // The state follows the parenthesised command name.
+        if stat.rsplit(')').next().unwrap().trim_start().starts_with('T') {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the server did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_request_with_urgent_data_in_its_middle_is_answered() {
+    // Linux ends a read at the urgent mark with the rest of the request still queued.
+    // The server must not take that short read for a drained socket: no readiness edge
+    // comes for bytes already queued. Stopping the server while the request is sent puts
+    // all of it, mark included, in the queue before the first read.
+    let server = Server::start("");
+    let mut s = connect(server.addr);
+    s.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_pong(&read_response(&mut s, false).expect("first pong"), "before");
+    server.signal(libc::SIGSTOP);
+    wait_stopped(server.pid());
+    s.write_all(b"GET /ping HTTP/1.1\r\nX-A: a").unwrap();
+    // Out of band (and not part of the stream the server reads): the header is "ac".
+    send_urgent(&s, b"b");
+    s.write_all(b"c\r\nHost: x\r\n\r\n").unwrap();
+    server.signal(libc::SIGCONT);
+    let started = Instant::now();
+    let answer = read_response(&mut s, false);
+    assert!(
+        answer.is_some(),
+        "no answer in {:?}: the rest of the request waits behind the urgent mark",
+        started.elapsed()
+    );
+    assert_pong(&answer.unwrap(), "after the urgent byte");
+    server.assert_alive();
+}

@@ -1,9 +1,9 @@
 //! What the benchmark programs share: the command-line walker, process and system
 //! readings, the server under test (started with a temporary config dir, its log
 //! counted), the result line, and a minimal keep-alive HTTP/1.1 client. Each bench is a
-//! separate program (`harness = false`) and includes this file with
-//! `#[path = "common/mod.rs"] mod common;`, so a piece one program does not use is not
-//! dead code in the others.
+//! separate program (`harness = false`, a directory with its `main.rs`) and includes this
+//! file with `#[path = "../common/mod.rs"] mod common;`, so a piece one program does not
+//! use is not dead code in the others.
 #![allow(dead_code)]
 
 use std::collections::hash_map::RandomState;

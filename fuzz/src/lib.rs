@@ -326,8 +326,10 @@ pub fn http_split(data: &[u8]) {
 /// (bits 0-1), draining (bit 2), the metrics listener (bit 3) and whether the stream ends
 /// after the last byte (bit 4). Turn `i` uses control byte `ctl[i % n]` (see [`Turn`]).
 /// Checks: no panic, the loop ends, output stays proportional to input, a full socket is
-/// the only reason to wait for WRITABLE, every accepted event and every token verdict
-/// keeps its invariants.
+/// the only reason to wait for WRITABLE, a connection that waits for nothing (no WRITABLE)
+/// has nothing left to do until new bytes come (the server would not call it before: a
+/// turn without a readiness event must do nothing), every accepted event and every token
+/// verdict keeps its invariants.
 pub fn conn(data: &[u8]) {
     run_conn(data, b"", true);
 }
@@ -428,17 +430,30 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
     let mut conn = HttpConn::new(ScriptedStream::new([]), peer(), listener(metrics), 0, config);
     let mut fed = 0usize;
     let mut turns = turns.into_iter().enumerate();
+    // The last turn ended waiting for nothing but new bytes (no WRITABLE registered).
+    let mut quiet = false;
     let upgraded = loop {
         let Some((i, (chunk, turn))) = turns.next() else {
             return;
         };
         let now = i as Millis * 10;
         fed += chunk.len();
+        // New bytes or the end of stream: what raises a readiness event for a quiet socket.
+        let edge = !chunk.is_empty() || (eof_at_end && i == final_from);
         let stream = conn.stream_mut();
-        stream.input.push_back(chunk.to_vec());
+        if !chunk.is_empty() {
+            stream.input.push_back(chunk.to_vec());
+        }
         stream.write_room = turn.room;
         stream.eof |= eof_at_end && i >= final_from;
+        let before = stream.output.len();
         let step = conn.on_ready(&ctx(config, verifier, now, draining, metrics));
+        if quiet && !edge {
+            assert!(
+                conn.stream().output.len() == before && step.step == HttpStep::Wait,
+                "a turn without a readiness event answered more: the last turn left requests behind that nothing would wake it for"
+            );
+        }
         for e in step.events {
             check_event(&e, None);
         }
@@ -453,6 +468,7 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
                     !conn.wants_write() || conn.stream().write_room == 0,
                     "waits for WRITABLE with room left"
                 );
+                quiet = !conn.wants_write();
             }
             HttpStep::Close(_) => return,
             HttpStep::Upgrade => {
@@ -480,9 +496,14 @@ fn run_conn(data: &[u8], prefix: &[u8], allow_refusals: bool) {
         let close_by = now + ms(config.close_timeout);
         fed += chunk.len();
         let stream = ws.stream_mut();
-        stream.input.push_back(chunk.to_vec());
+        // (An empty chunk would read as the end of stream.)
+        if !chunk.is_empty() {
+            stream.input.push_back(chunk.to_vec());
+        }
         stream.write_room = turn.room;
         stream.eof |= eof_at_end && i >= final_from;
+        // Loop turns are numbered from 1 (turn 0 is the connection's first budget).
+        ws.begin_turn(i as u64 + 1, config.max_messages_per_wakeup);
         if ws_turn(
             &mut ws,
             turn,
@@ -560,9 +581,15 @@ fn ws_turn(
             Sent::Evict(_) => Err(()),
         }
     };
-    for _ in 0..config.max_messages_per_wakeup {
+    // The connection's budget for the turn (frames, entries, bytes) ends the reading.
+    loop {
         match ws.read_one(now, close_by) {
             WsRead::Msg(ClientMsg::Subscribe(repos)) => {
+                if repos.len() > config.max_repos_per_connection {
+                    // Refused whole (Close 1008) before any entry is looked at.
+                    return Err(());
+                }
+                ws.spend_entries(repos.len());
                 for (repo_id, token) in repos {
                     match verifier.verify_client(&token, &repo_id, NOW) {
                         Ok(grant) => assert!(grant.exp > NOW, "granted until {} <= now", grant.exp),
@@ -574,7 +601,7 @@ fn ws_turn(
                     }
                 }
             }
-            WsRead::Msg(ClientMsg::Unsubscribe(_)) => {}
+            WsRead::Msg(ClientMsg::Unsubscribe(_)) | WsRead::Control => {}
             WsRead::Drained => break,
             WsRead::Close(_) => return Err(()),
         }
@@ -605,12 +632,19 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 // ---------------------------------------------------------------------------------------
 // client_msg and event_body: the JSON parsers.
 
-/// `ws::parse_client` on a frame payload: only JSON objects are ever accepted, and every
-/// repo id it returns can be echoed back in a valid `jwt-expired` message.
+/// `ws::parse_client` on a frame payload: only JSON objects are ever accepted, never
+/// more entries than the cap, and every repo id it returns can be echoed back in a valid
+/// `jwt-expired` message.
 pub fn client_msg(data: &[u8]) {
-    let Ok(msg) = ws::parse_client(data) else {
+    const CAP: usize = 8;
+    let Ok(msg) = ws::parse_client(data, CAP) else {
         return;
     };
+    assert!(
+        msg.entries() <= CAP,
+        "{} entries accepted over a cap of {CAP}",
+        msg.entries()
+    );
     assert!(is_json_object(data), "accepted a message that is not a JSON object");
     let ids: Vec<&String> = match &msg {
         ClientMsg::Subscribe(repos) => repos.iter().map(|(id, _)| id).collect(),
@@ -928,18 +962,26 @@ pub fn config_text(data: &[u8]) {
 
 /// `bus::decode` on a message from the Redis channel. A decoded event has a repo id and a
 /// newline-terminated frame, and survives the way back: encoded by another instance it
-/// decodes to the same event here, and is recognised as its own by the sender.
+/// decodes to the same event here, once (the same message again is a repeat), and is
+/// recognised as its own by the sender.
 pub fn bus_message(data: &[u8]) {
-    let Decoded::Event(e) = bus::decode("this-instance", data) else {
+    let mut seen = bus::Seen::default();
+    let Decoded::Event(e) = bus::decode("this-instance", data, &mut seen) else {
         return;
     };
     assert!(!e.repo_id.is_empty(), "bus event without a repo id");
     assert!(e.frame.as_str().ends_with('\n'), "bus frame without its newline");
+    assert!(seen.len() <= 1, "one message remembered {} senders", seen.len());
     let wire = bus::encode("other-instance", &e, None).expect("a decoded event does not encode");
-    assert_eq!(bus::decode("other-instance", wire.as_bytes()), Decoded::Own);
+    assert_eq!(bus::decode("other-instance", wire.as_bytes(), &mut seen), Decoded::Own);
     assert_eq!(
-        bus::decode("this-instance", wire.as_bytes()),
+        bus::decode("this-instance", wire.as_bytes(), &mut seen),
         Decoded::Event(e),
         "the event changed on its way through the bus: {wire}"
+    );
+    assert_eq!(
+        bus::decode("this-instance", wire.as_bytes(), &mut seen),
+        Decoded::Repeat,
+        "the same message twice was delivered twice: {wire}"
     );
 }

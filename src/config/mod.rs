@@ -194,6 +194,10 @@ impl Default for Config {
     }
 }
 
+/// Where each setting that is not a default came from: `(key, source)`, such as
+/// `("port", "environment variable NOTIFICATION_SERVER_PORT")`.
+pub type Sources = Vec<(&'static str, String)>;
+
 /// A configuration error: one line naming where, which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError(pub String);
@@ -328,7 +332,18 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
         read_file: &dyn Fn(&std::path::Path) -> Result<String, String>,
     ) -> Result<Config, ConfigError> {
+        Config::load_traced(file, env, read_file).map(|(config, _)| config)
+    }
+
+    /// Like [`Config::load_with`], and says where each setting that is not a default came
+    /// from, as `(key, source)` in README order (for `--self-test`).
+    pub fn load_traced(
+        file: Option<(&str, &str)>,
+        env: &dyn Fn(&str) -> Option<String>,
+        read_file: &dyn Fn(&std::path::Path) -> Result<String, String>,
+    ) -> Result<(Config, Sources), ConfigError> {
         let mut config = Config::default();
+        let mut sources = Sources::new();
         let section = match file {
             Some((name, text)) => Some((name, parse_section(name, text)?)),
             None => None,
@@ -346,6 +361,7 @@ impl Config {
             config
                 .set(key, kind, &value)
                 .map_err(|reason| ConfigError(format!("{source}: {reason}")))?;
+            sources.push((*key, source));
         }
         if env("JWT_PRIVATE_KEY").is_none_or(|k| k.is_empty()) {
             let strip = |k: String| k.trim_end_matches(['\r', '\n']).as_bytes().to_vec();
@@ -355,15 +371,19 @@ impl Config {
                 if config.jwt_private_key.is_empty() {
                     return Err(ConfigError(format!("jwt_private_key_file: {path:?} is empty")));
                 }
+                sources.retain(|(k, _)| *k != "jwt_private_key");
+                sources.push(("jwt_private_key", format!("key file {path:?}")));
             } else if let Some(dir) = env("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
                 let path = std::path::Path::new(&dir).join("jwt_private_key");
                 if let Ok(key) = read_file(&path) {
                     config.jwt_private_key = strip(key);
+                    sources.retain(|(k, _)| *k != "jwt_private_key");
+                    sources.push(("jwt_private_key", format!("systemd credential {path:?}")));
                 }
             }
         }
         config.validate(file.map(|(name, _)| name))?;
-        Ok(config)
+        Ok((config, sources))
     }
 
     fn set(&mut self, key: &str, kind: &Kind, value: &str) -> Result<(), String> {
@@ -594,7 +614,9 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
 }
 
 mod descriptors;
+mod key;
 #[cfg(test)]
 mod tests;
 
 pub use descriptors::{DescriptorFit, MIN_DERIVED_CONNECTIONS, RESERVED_DESCRIPTORS, connections_for_descriptors};
+pub use key::{GENERATE_HINT, KeyWeakness, MIN_KEY_BYTES, key_weakness};

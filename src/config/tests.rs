@@ -238,3 +238,29 @@ fn max_connections_derived_from_the_descriptor_limit_unless_set() {
         usize::try_from(u64::MAX - 64).unwrap()
     );
 }
+
+#[test]
+fn load_traced_says_where_each_setting_came_from() {
+    let env = |k: &str| match k {
+        "NOTIFICATION_SERVER_PORT" => Some("9000".to_string()),
+        "NOTIFICATION_SERVER_HOST" => Some(String::new()),
+        "CREDENTIALS_DIRECTORY" => Some("/run/creds".to_string()),
+        _ => None,
+    };
+    let read = |p: &std::path::Path| {
+        assert_eq!(p, std::path::Path::new("/run/creds/jwt_private_key"));
+        Ok("from-credential\n".to_string())
+    };
+    let text = "[notification]\nhost = 127.0.0.1\nport = 1\njwt_private_key = from-file\n";
+    let (c, sources) = Config::load_traced(Some(("/c/seafile.conf", text)), &env, &read).unwrap();
+    assert_eq!((c.port, c.jwt_private_key.as_slice()), (9000, &b"from-credential"[..]));
+    let source = |k: &str| sources.iter().find(|(key, _)| *key == k).map(|(_, s)| s.as_str());
+    assert_eq!(source("host"), Some("/c/seafile.conf [notification] host"));
+    assert_eq!(source("port"), Some("environment variable NOTIFICATION_SERVER_PORT"));
+    assert_eq!(
+        source("jwt_private_key"),
+        Some("systemd credential \"/run/creds/jwt_private_key\"")
+    );
+    assert_eq!(source("log_level"), None, "a default has no source");
+    assert_eq!(sources.iter().filter(|(k, _)| *k == "jwt_private_key").count(), 1);
+}

@@ -38,6 +38,7 @@ pub struct HttpTally {
     pub token_rejections: Vec<TokenError>,
     pub events_ignored: u64,
     pub events_invalid: u64,
+    pub events_forbidden: u64,
 }
 
 impl HttpTally {
@@ -46,6 +47,7 @@ impl HttpTally {
             Some(Count::EventTokenRejected(e)) => self.token_rejections.push(e),
             Some(Count::EventIgnored) => self.events_ignored += 1,
             Some(Count::EventInvalid) => self.events_invalid += 1,
+            Some(Count::EventForbidden) => self.events_forbidden += 1,
             None => {}
         }
     }
@@ -245,14 +247,23 @@ impl<S: Stream> HttpConn<S> {
                 }
             }
             let before = self.inbuf.len();
-            self.handle_requests(ctx, turn);
-            let step = self.write_out();
-            if step != HttpStep::Wait {
-                return step;
+            let mut step = HttpStep::Wait;
+            let mut at_cap = true;
+            // Answers stop at the output cap with complete requests maybe still buffered;
+            // once a write frees room they go on, since no readiness edge will come for
+            // bytes already read. Each round writes, or ends with the output stuck at the
+            // cap (WRITABLE then brings the connection back).
+            while at_cap && self.out.len() < MAX_PENDING_OUTPUT {
+                at_cap = self.handle_requests(ctx, turn);
+                step = self.write_out();
+                if step != HttpStep::Wait {
+                    return step;
+                }
             }
             if peer_closed {
-                if self.holding_event {
-                    // Served later: the next read sees the end of stream again.
+                if self.holding_event || at_cap {
+                    // Served later (when events are taken, or the output drains): the
+                    // next read sees the end of stream again.
                     return step;
                 }
                 // A half-closed peer still gets the answers to what it sent, then we close.
@@ -269,22 +280,26 @@ impl<S: Stream> HttpConn<S> {
         }
     }
 
-    /// Answers every complete request in the buffer.
-    fn handle_requests(&mut self, ctx: &Ctx, turn: &mut HttpTurn) {
+    /// Answers every complete request in the buffer, until the output reaches
+    /// [`MAX_PENDING_OUTPUT`]. True when it stopped there with input left (which may hold
+    /// complete requests).
+    fn handle_requests(&mut self, ctx: &Ctx, turn: &mut HttpTurn) -> bool {
         while self.close_after_write.is_none()
             && !self.upgrade_after_write
             && !self.holding_event
             && !self.inbuf.is_empty()
-            && self.out.len() < MAX_PENDING_OUTPUT
         {
+            if self.out.len() >= MAX_PENDING_OUTPUT {
+                return true;
+            }
             let head = match http::parse_head(&self.inbuf, ctx.config.max_head_bytes, ctx.config.max_body_bytes) {
                 Ok(Some(head)) => head,
-                Ok(None) => return,
+                Ok(None) => return false,
                 Err(reject) => {
                     self.out.extend_from_slice(&reject.response());
                     self.close_after_write = Some(CloseReason::BadRequest(reject.label()));
                     self.inbuf.clear();
-                    return;
+                    return false;
                 }
             };
             let total = head.len + head.content_length;
@@ -296,16 +311,16 @@ impl<S: Stream> HttpConn<S> {
                         turn.tally.record(refusal.count);
                         self.close_after_write = Some(CloseReason::Done);
                         self.inbuf.clear();
-                        return;
+                        return false;
                     }
                     self.sent_continue = true;
                     self.out.extend_from_slice(http::CONTINUE);
                 }
-                return;
+                return false;
             }
             if head.route == http::Route::Events && self.listener == Listener::Public && !ctx.taking_events {
                 self.holding_event = true;
-                return;
+                return false;
             }
             turn.tally.requests += 1;
             let request = Request {
@@ -343,6 +358,7 @@ impl<S: Stream> HttpConn<S> {
                 }
             }
         }
+        false
     }
 
     /// Writes pending output; decides what happens once it is all out.

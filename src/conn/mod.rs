@@ -20,7 +20,7 @@ mod ws;
 
 pub use http::{HttpConn, HttpStep, HttpTally, HttpTurn, MAX_PENDING_OUTPUT};
 pub use out::{ENTRY_BYTES, Frame, Meter};
-pub use ws::{Due, Sent, WsConn, WsRead};
+pub use ws::{Due, ENTRIES_PER_TURN, READ_BYTES_PER_TURN, Sent, WsConn, WsRead};
 
 use crate::config::Config;
 use std::io::{self, Read, Write};
@@ -38,7 +38,8 @@ pub fn ms(d: std::time::Duration) -> Millis {
 pub trait Stream: Read + Write + mio::event::Source {
     /// Half-closes the sending side once the last answer is written.
     fn shutdown_write(&self);
-    /// A readiness event arrived (`hung_up`: the peer closed or the socket errored).
+    /// A readiness event arrived (`hung_up`: the peer closed, the socket errored or urgent
+    /// data came).
     fn on_readable(&mut self, _hung_up: bool) {}
     /// The next read must reach the kernel even without a new readiness edge.
     fn rearm(&mut self) {}
@@ -80,6 +81,9 @@ pub enum CloseReason {
     CloseHandshake,
     /// Server shutdown.
     Shutdown,
+    /// At `max_connections`, a websocket subscribed to nothing (the oldest such) gave its
+    /// slot to a new connection.
+    IdleAtCapacity,
     /// An I/O error other than the peer going away.
     Io(io::ErrorKind),
 }
@@ -99,6 +103,7 @@ impl CloseReason {
             CloseReason::Protocol(_) => "protocol",
             CloseReason::CloseHandshake => "close_handshake",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::IdleAtCapacity => "idle_at_capacity",
             CloseReason::Io(_) => "io_error",
         }
     }
@@ -142,6 +147,9 @@ impl std::fmt::Display for CloseReason {
             CloseReason::Protocol(why) => write!(f, "protocol error: {why}"),
             CloseReason::CloseHandshake => f.write_str("close handshake finished or timed out"),
             CloseReason::Shutdown => f.write_str("server shutting down"),
+            CloseReason::IdleAtCapacity => {
+                f.write_str("at max_connections: subscribed to nothing, the oldest such websocket gave up its slot")
+            }
             CloseReason::Io(kind) => write!(f, "I/O error: {kind}"),
         }
     }

@@ -51,6 +51,9 @@ struct Counts {
     entries: AtomicUsize,
     /// Entries of queues whose socket is full: waiting for the client, not for the server.
     stuck: AtomicUsize,
+    /// Bytes of client messages read and not complete yet, over every websocket (input,
+    /// counted here so one meter tells all the memory clients make the server hold).
+    input: AtomicUsize,
 }
 
 impl Meter {
@@ -68,6 +71,20 @@ impl Meter {
     /// socket (what paces ingest; see `server/ingest.rs`).
     pub fn writable_entries(&self) -> usize {
         self.entries().saturating_sub(self.0.stuck.load(Relaxed))
+    }
+
+    /// Bytes of client messages read and not complete yet, over every websocket.
+    pub fn input(&self) -> usize {
+        self.0.input.load(Relaxed)
+    }
+
+    /// Moves the input count from `before` to `after` bytes for one connection.
+    pub fn move_input(&self, before: usize, after: usize) {
+        if after > before {
+            self.0.input.fetch_add(after - before, Relaxed);
+        } else {
+            self.0.input.fetch_sub(before - after, Relaxed);
+        }
     }
 
     fn add_bytes(&self, n: usize) {

@@ -16,19 +16,55 @@ use crate::ws::{self, ClientMsg};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, Role, WebSocket};
+use tungstenite::protocol::{CloseFrame, Role, WebSocketContext};
 use tungstenite::{Message, Utf8Bytes};
 
-/// tungstenite's side of the socket: reads go to the real stream, writes are queued in
-/// order with the connection's other output and never block.
+/// tungstenite's side of the socket: reads go to the real stream, up to the bytes this
+/// loop turn still allows the connection; writes are queued in order with the
+/// connection's other output and never block.
 pub struct Tap<S> {
     stream: S,
     out: OutQueue,
+    /// Bytes this connection may still read in the current loop turn. At 0 the Tap
+    /// answers `WouldBlock` without asking the socket, and tungstenite keeps any partial
+    /// frame for the next turn.
+    allowance: usize,
+    /// The allowance ran out: input may be left, and no edge will announce it.
+    throttled: bool,
+    /// Where the bytes handed to tungstenite stand relative to the client's frames.
+    scan: FrameScan,
+    /// Past this many bytes of unfinished client messages over every websocket, a
+    /// connection whose own unfinished message is larger than [`KEEP_READ_BUFFER`] is
+    /// closed (a quarter of `max_output_bytes`).
+    input_budget: usize,
+    /// This connection's unfinished message took input past the budget.
+    over_input: bool,
+}
+
+impl<S> Drop for Tap<S> {
+    fn drop(&mut self) {
+        self.out.meter().move_input(self.scan.partial, 0);
+    }
 }
 
 impl<S: Read> Read for Tap<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.read(buf)
+        if self.allowance == 0 {
+            self.throttled = true;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let room = buf.len().min(self.allowance);
+        let n = self.stream.read(buf.get_mut(..room).unwrap_or_default())?;
+        self.allowance -= n;
+        let before = self.scan.partial;
+        self.scan.feed(buf.get(..n).unwrap_or_default());
+        let meter = self.out.meter();
+        meter.move_input(before, self.scan.partial);
+        if meter.input() > self.input_budget && self.scan.partial as u64 > KEEP_READ_BUFFER {
+            self.over_input = true;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
     }
 }
 
@@ -43,15 +79,153 @@ impl<S> Write for Tap<S> {
     }
 }
 
+/// Follows the client's frames through the bytes handed to tungstenite, so that the
+/// connection knows when tungstenite holds none of them (every frame handed was read
+/// back as a message, and none is half handed). tungstenite reserves a whole frame's
+/// length in its read buffer and keeps that allocation for the connection's life: one
+/// 256 KiB message from each of 4,000 idle websockets held 1 GB. Knowing that the buffer
+/// is empty lets the connection start a fresh one after a large message.
+#[derive(Debug, Default)]
+struct FrameScan {
+    /// The current frame's header bytes seen so far (at most 14).
+    head: [u8; 14],
+    head_len: usize,
+    /// Payload bytes of the current frame not handed yet; `None` while in the header.
+    payload_left: Option<u64>,
+    /// Frames that end a message (control frames, final data frames) handed in full.
+    units: u64,
+    /// A data frame without FIN was handed: a fragmented message is under way.
+    in_message: bool,
+    /// The largest frame handed since the last fresh buffer.
+    largest: u64,
+    /// Bytes handed since the last frame that ended a message: the unfinished message
+    /// tungstenite holds (what the input budget counts).
+    partial: usize,
+}
+
+impl FrameScan {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while let Some((&first, rest)) = bytes.split_first() {
+            if let Some(left) = self.payload_left {
+                let take = left.min(bytes.len() as u64);
+                self.partial += take as usize;
+                bytes = bytes.get(take as usize..).unwrap_or_default();
+                self.payload_left = Some(left - take);
+                if left == take {
+                    self.end_frame();
+                }
+                continue;
+            }
+            bytes = rest;
+            self.partial += 1;
+            if let Some(slot) = self.head.get_mut(self.head_len) {
+                *slot = first;
+                self.head_len += 1;
+            }
+            if let Some((head_len, payload)) = self.header()
+                && head_len == self.head_len
+            {
+                self.largest = self.largest.max(head_len as u64 + payload);
+                self.payload_left = Some(payload);
+                if payload == 0 {
+                    self.end_frame();
+                }
+            }
+        }
+    }
+
+    /// The header's length and the payload's, once the bytes seen tell them.
+    fn header(&self) -> Option<(usize, u64)> {
+        let b1 = *self.head.get(1)?;
+        if self.head_len < 2 {
+            return None;
+        }
+        let ext = match b1 & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let mask = if b1 & 0x80 != 0 { 4 } else { 0 };
+        if self.head_len < 2 + ext {
+            return None;
+        }
+        let payload = match ext {
+            0 => u64::from(b1 & 0x7f),
+            _ => self
+                .head
+                .get(2..2 + ext)?
+                .iter()
+                .fold(0u64, |n, &b| (n << 8) | u64::from(b)),
+        };
+        Some((2 + ext + mask, payload))
+    }
+
+    fn end_frame(&mut self) {
+        let b0 = self.head.first().copied().unwrap_or_default();
+        let control = b0 & 0x08 != 0;
+        let fin = b0 & 0x80 != 0;
+        if control || fin {
+            self.units += 1;
+        }
+        if !control {
+            self.in_message = !fin;
+        }
+        if !self.in_message {
+            self.partial = 0;
+        }
+        self.head_len = 0;
+        self.payload_left = None;
+    }
+
+    /// Nothing half handed: the bytes handed end at a message's end.
+    fn at_boundary(&self) -> bool {
+        self.head_len == 0 && self.payload_left.is_none() && !self.in_message
+    }
+}
+
+/// A read buffer that grew past this for a message is replaced by a fresh one once the
+/// message is read (a subscribe to a few libraries is far smaller).
+const KEEP_READ_BUFFER: u64 = 8 * 1024;
+
 /// Longest close reason sent: a control frame holds 125 bytes, 2 of them the code.
 const MAX_CLOSE_REASON: usize = 120;
+
+/// Most bytes read from one websocket in one loop turn. A 256 KiB message of 87,000
+/// subscribe entries took 1 ms to parse and came 64 to a turn: one connection held the
+/// loop, and everybody's pings and `/ping`, for 64 ms. A message larger than this is
+/// read over several turns (tungstenite keeps the partial frame).
+pub const READ_BYTES_PER_TURN: usize = 64 * 1024;
+
+/// Most subscribe or unsubscribe entries acted on for one websocket in one loop turn
+/// (each is a token check and maybe a reply); the message that crosses it is still
+/// handled whole, and a message lists at most `max_repos_per_connection`.
+pub const ENTRIES_PER_TURN: usize = 1024;
+
+/// What one connection may still take in the current loop turn (besides the bytes,
+/// which the [`Tap`] counts).
+#[derive(Debug, Clone, Copy)]
+struct TurnBudget {
+    /// The loop turn this budget belongs to; a new turn starts a fresh budget.
+    turn: u64,
+    /// Frames left: client messages and control frames alike (a flood of pings costs a
+    /// read and a pong each, like a message).
+    frames: usize,
+    entries: usize,
+    /// Bytes of client messages parsed in this turn (the cost of a 256 KiB message is its
+    /// parse, whichever turn its bytes were read in).
+    parsed: usize,
+}
 
 /// What one websocket read produced.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WsRead {
     /// A client message for the server to act on.
     Msg(ClientMsg),
-    /// Nothing more to read for now.
+    /// A control frame (ping, pong) was read and answered, or a bad message started our
+    /// close: nothing to act on, and more may follow.
+    Control,
+    /// Nothing more to read for now, or this turn's budget is spent (see
+    /// [`WsConn::throttled`]).
     Drained,
     /// Tear the connection down.
     Close(CloseReason),
@@ -86,9 +260,17 @@ pub enum Due {
 
 /// A websocket connection.
 pub struct WsConn<S = crate::socket::Socket> {
-    ws: WebSocket<Tap<S>>,
+    /// The socket side: reads pass through, output is queued.
+    tap: Tap<S>,
+    /// tungstenite's protocol state and read buffer, driven over `tap`.
+    ws: WebSocketContext,
+    /// Messages and control frames tungstenite gave back (compared with the frames the
+    /// Tap handed it: equal means its buffer is empty).
+    units_read: u64,
     /// `max_unsent_bytes`: the most output a client that stopped reading may leave queued.
     max_unsent: usize,
+    /// `max_repos_per_connection`: a message listing more is refused whole.
+    max_repos: usize,
     peer: SocketAddr,
     forwarded_for: Option<Box<str>>,
     /// Last time any frame (or any byte) came in.
@@ -101,6 +283,13 @@ pub struct WsConn<S = crate::socket::Socket> {
     close_deadline: Option<Millis>,
     /// On the reactor's flush queue.
     queued: bool,
+    /// On the reactor's list of connections to read again without an edge.
+    unread: bool,
+    /// Which websocket this is, over the server's life (slab keys are reused): how the
+    /// reactor's list of websockets by age tells a live entry from a stale one.
+    serial: u64,
+    /// What it may still take in this loop turn.
+    budget: TurnBudget,
     interest: Interest,
 }
 
@@ -118,14 +307,25 @@ impl<S: Stream> WsConn<S> {
         config: &Config,
         meter: &Meter,
     ) -> WsConn<S> {
+        let mut scan = FrameScan::default();
+        scan.feed(&read_ahead);
+        meter.move_input(0, scan.partial);
         let tap = Tap {
             stream,
             out: OutQueue::new(meter.clone()),
+            allowance: READ_BYTES_PER_TURN,
+            throttled: false,
+            scan,
+            input_budget: config.max_output_bytes / 4,
+            over_input: false,
         };
-        let ws = WebSocket::from_partially_read(tap, read_ahead, Role::Server, Some(ws::socket_config(config)));
+        let ws = WebSocketContext::from_partially_read(read_ahead, Role::Server, Some(ws::socket_config(config)));
         WsConn {
+            tap,
             ws,
+            units_read: 0,
             max_unsent: config.max_unsent_bytes,
+            max_repos: config.max_repos_per_connection,
             peer,
             forwarded_for,
             last_heard: now,
@@ -133,25 +333,34 @@ impl<S: Stream> WsConn<S> {
             unsent_since: None,
             close_deadline: None,
             queued: false,
+            unread: false,
+            serial: 0,
+            // Turn 0 is before the reactor's first; it starts a fresh budget each turn.
+            budget: TurnBudget {
+                turn: 0,
+                frames: config.max_messages_per_wakeup,
+                entries: ENTRIES_PER_TURN,
+                parsed: 0,
+            },
             interest,
         }
     }
 
     pub fn stream(&self) -> &S {
-        &self.ws.get_ref().stream
+        &self.tap.stream
     }
 
     pub fn stream_mut(&mut self) -> &mut S {
-        &mut self.ws.get_mut().stream
+        &mut self.tap.stream
     }
 
     fn out(&mut self) -> &mut OutQueue {
-        &mut self.ws.get_mut().out
+        &mut self.tap.out
     }
 
     /// Bytes queued and not yet written.
     pub fn unsent(&self) -> usize {
-        self.ws.get_ref().out.unsent()
+        self.tap.out.unsent()
     }
 
     /// Applies reloaded limits to the open connection.
@@ -159,6 +368,8 @@ impl<S: Stream> WsConn<S> {
         let ws_config = ws::socket_config(config);
         self.ws.set_config(|c| *c = ws_config);
         self.max_unsent = config.max_unsent_bytes;
+        self.max_repos = config.max_repos_per_connection;
+        self.tap.input_budget = config.max_output_bytes / 4;
     }
 
     /// Whether our Close frame is out.
@@ -175,6 +386,57 @@ impl<S: Stream> WsConn<S> {
     /// queue its key).
     pub fn mark_queued(&mut self) -> bool {
         !std::mem::replace(&mut self.queued, true)
+    }
+
+    /// Puts it on the list of connections to read again without an edge; true if it was
+    /// not there yet (the reactor must then list its key). Once per connection, however
+    /// often it is read in a turn: a listed connection read again through its own
+    /// readiness used to be listed twice, and got twice its share of every later turn.
+    pub fn mark_unread(&mut self) -> bool {
+        !std::mem::replace(&mut self.unread, true)
+    }
+
+    /// Numbers it (see `serial`).
+    pub fn set_serial(&mut self, serial: u64) {
+        self.serial = serial;
+    }
+
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// Takes it off that list (the reactor is about to read it).
+    pub fn clear_unread(&mut self) {
+        self.unread = false;
+    }
+
+    /// Starts loop turn `turn` for this connection, if it has not started yet: a fresh
+    /// budget of frames, entries and bytes. Reading twice in one turn (through readiness
+    /// and through the unread list) shares one budget.
+    pub fn begin_turn(&mut self, turn: u64, frames: usize) {
+        if self.budget.turn == turn {
+            return;
+        }
+        self.budget = TurnBudget {
+            turn,
+            frames,
+            entries: ENTRIES_PER_TURN,
+            parsed: 0,
+        };
+        let tap = &mut self.tap;
+        tap.allowance = READ_BYTES_PER_TURN;
+        tap.throttled = false;
+    }
+
+    /// Bytes of client messages parsed in this turn so far.
+    pub fn parsed_this_turn(&self) -> usize {
+        self.budget.parsed
+    }
+
+    /// Whether this turn's budget is spent while input may be left: the reactor must
+    /// come back to it next turn, since no edge will.
+    pub fn throttled(&self) -> bool {
+        self.budget.frames == 0 || self.budget.entries == 0 || self.tap.throttled
     }
 
     /// Whether output is stuck in the socket (WRITABLE is registered while it is).
@@ -241,37 +503,49 @@ impl<S: Stream> WsConn<S> {
         self.next_ping = now;
     }
 
-    /// Reads one client message, answering pings and Close frames on the way.
-    /// `close_by` is the deadline for the peer's answer should we start a close here.
+    /// Reads one frame's worth: a client message, or a control frame answered on the way,
+    /// within this turn's budget (see [`Self::begin_turn`]). `close_by` is the deadline
+    /// for the peer's answer should we start a close here.
     pub fn read_one(&mut self, now: Millis, close_by: Millis) -> WsRead {
+        if self.budget.frames == 0 || self.budget.entries == 0 {
+            return WsRead::Drained;
+        }
         loop {
-            match self.ws.read() {
+            match self.ws.read(&mut self.tap) {
                 Ok(msg) => {
                     self.last_heard = now;
-                    match msg {
+                    self.budget.frames -= 1;
+                    self.units_read += 1;
+                    return match msg {
                         Message::Text(_) | Message::Binary(_) if self.close_deadline.is_some() => {
                             // Closing: data is read and dropped until the peer's Close.
+                            WsRead::Control
                         }
-                        Message::Text(t) => return self.client_message(t.as_bytes(), close_by),
-                        Message::Binary(b) => return self.client_message(&b, close_by),
-                        // tungstenite queued the pong; the server flushes after reading.
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                        Message::Text(t) => self.client_message(t.as_bytes(), close_by),
+                        Message::Binary(b) => self.client_message(&b, close_by),
+                        // tungstenite owes a pong: queued now, and judged like a reply.
+                        Message::Ping(_) => self.queue_owed(),
+                        Message::Pong(_) | Message::Frame(_) => WsRead::Control,
                         Message::Close(_) => {
                             // tungstenite queued the echo (or this answers ours): send it, close.
-                            let _ = self.ws.flush();
+                            let _ = self.ws.flush(&mut self.tap);
                             self.write_last();
-                            return WsRead::Close(self.closed_reason());
+                            WsRead::Close(self.closed_reason())
                         }
-                    }
+                    };
+                }
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock && self.tap.over_input => {
+                    return self.fail(
+                        CloseCode::Again,
+                        "server busy: too many large messages in progress, try again later".into(),
+                    );
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Pongs for what was read are queued now, not at the next read.
-                    let _ = self.ws.flush();
-                    if self.unsent() > self.max_unsent && self.unsent_since.is_some() {
-                        // Pings answered faster than the client reads the pongs.
-                        return WsRead::Close(CloseReason::SlowConsumerBytes);
-                    }
-                    return WsRead::Drained;
+                    return match self.queue_owed() {
+                        WsRead::Control => WsRead::Drained,
+                        close => close,
+                    };
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(tungstenite::Error::Io(e)) => return WsRead::Close(CloseReason::from_io(&e)),
@@ -292,6 +566,23 @@ impl<S: Stream> WsConn<S> {
         }
     }
 
+    /// Queues what tungstenite owes the client (a pong), and judges it as a reply: the
+    /// client's own traffic may not leave more than `max_unsent_bytes` queued, whether or
+    /// not its socket is full yet.
+    fn queue_owed(&mut self) -> WsRead {
+        let _ = self.ws.flush(&mut self.tap);
+        if self.unsent() > self.max_unsent {
+            // Pings answered faster than the client reads the pongs.
+            return WsRead::Close(CloseReason::SlowConsumerBytes);
+        }
+        WsRead::Control
+    }
+
+    /// Spends `n` entries of this turn's budget (a subscribe or unsubscribe list).
+    pub fn spend_entries(&mut self, n: usize) {
+        self.budget.entries = self.budget.entries.saturating_sub(n);
+    }
+
     /// The connection ended in a close handshake: ours if we started it, else the peer's.
     fn closed_reason(&self) -> CloseReason {
         if self.close_deadline.is_some() {
@@ -302,12 +593,51 @@ impl<S: Stream> WsConn<S> {
     }
 
     fn client_message(&mut self, payload: &[u8], close_by: Millis) -> WsRead {
-        match ws::parse_client(payload) {
+        self.budget.parsed += payload.len();
+        let read = self.parse_message(payload, close_by);
+        self.give_back_read_buffer();
+        read
+    }
+
+    /// After a large message, if tungstenite holds no byte of the client's (see
+    /// [`FrameScan`]), gives its read buffer back by starting a fresh protocol context:
+    /// same settings, and the same state, the connection being open with nothing owed
+    /// once the flush below queues any pong.
+    fn give_back_read_buffer(&mut self) {
+        let scan = &self.tap.scan;
+        if scan.largest <= KEEP_READ_BUFFER
+            || !scan.at_boundary()
+            || scan.units != self.units_read
+            || self.close_deadline.is_some()
+            || !self.ws.can_read()
+            || !self.ws.can_write()
+        {
+            return;
+        }
+        let _ = self.ws.flush(&mut self.tap);
+        let config = *self.ws.get_config();
+        self.ws = WebSocketContext::new(Role::Server, Some(config));
+        self.tap.scan.largest = 0;
+    }
+
+    fn parse_message(&mut self, payload: &[u8], close_by: Millis) -> WsRead {
+        match ws::parse_client(payload, self.max_repos) {
             Ok(msg) => WsRead::Msg(msg),
-            Err(why) => {
-                // The socket is still in sync: close politely and wait for the answer.
+            Err(ws::BadMessage::TooManyRepos) => {
+                log::debug!(
+                    "websocket {} listed more than max_repos_per_connection ({}) libraries: closing",
+                    self.peer,
+                    self.max_repos
+                );
+                self.start_close(CloseCode::Policy, "too many subscriptions", close_by);
+                WsRead::Control
+            }
+            Err(ws::BadMessage::Invalid(why)) => {
+                // The socket is still in sync: close politely and wait for the answer. Go
+                // on reading: the peer's Close may already be buffered behind this
+                // message, and no edge would announce it before `close_timeout`.
                 self.start_close(CloseCode::Unsupported, why, close_by);
-                WsRead::Drained
+                WsRead::Control
             }
         }
     }
@@ -319,7 +649,7 @@ impl<S: Stream> WsConn<S> {
             code,
             reason: Utf8Bytes::from(truncate_reason(&why)),
         };
-        let _ = self.ws.close(Some(frame));
+        let _ = self.ws.close(&mut self.tap, Some(frame));
         self.write_last();
         WsRead::Close(CloseReason::Protocol(why))
     }
@@ -327,7 +657,7 @@ impl<S: Stream> WsConn<S> {
     /// Writes what the socket takes of the queue before the connection ends (the Close
     /// frame that ends it is last in the queue).
     fn write_last(&mut self) {
-        let tap = self.ws.get_mut();
+        let tap = &mut self.tap;
         let _ = tap.out.write_to(&mut tap.stream);
     }
 
@@ -344,7 +674,7 @@ impl<S: Stream> WsConn<S> {
             reason: Utf8Bytes::from(truncate_reason(why)),
         };
         // Queued even when the socket is full; the server's flush sends it.
-        let _ = self.ws.close(Some(frame));
+        let _ = self.ws.close(&mut self.tap, Some(frame));
         self.close_deadline = Some(close_by);
     }
 
@@ -369,9 +699,15 @@ impl<S: Stream> WsConn<S> {
         }
     }
 
-    /// Queues a text message of this connection's own (a `jwt-expired` reply).
+    /// Queues a text message of this connection's own (a `jwt-expired` reply). Unlike
+    /// an event, a reply is caused by the client itself, so it is held to
+    /// `max_unsent_bytes` when it is queued, not only once the socket is full: a client
+    /// that sends subscribes and never reads is a slow consumer of its own replies.
     pub fn send_text(&mut self, payload: &str, now: Millis) -> Sent {
-        let frame = Frame::text(payload.as_bytes(), self.ws.get_ref().out.meter());
+        if self.close_deadline.is_none() && self.unsent() + payload.len() > self.max_unsent {
+            return Sent::Evict(CloseReason::SlowConsumerBytes);
+        }
+        let frame = Frame::text(payload.as_bytes(), self.tap.out.meter());
         self.send(&frame, now)
     }
 
@@ -385,7 +721,7 @@ impl<S: Stream> WsConn<S> {
         if self.over_cap(2) {
             return Sent::Evict(CloseReason::SlowConsumerBytes);
         }
-        match self.ws.write(Message::Ping(Default::default())) {
+        match self.ws.write(&mut self.tap, Message::Ping(Default::default())) {
             Ok(()) => Sent::Queued {
                 newly_queued: self.mark_queued(),
             },
@@ -403,7 +739,7 @@ impl<S: Stream> WsConn<S> {
     pub fn flush(&mut self, now: Millis) -> Result<bool, CloseReason> {
         self.queued = false;
         // Anything tungstenite still holds (a pong owed since the last read) joins the queue.
-        match self.ws.flush() {
+        match self.ws.flush(&mut self.tap) {
             Ok(()) => {}
             Err(tungstenite::Error::ConnectionClosed) => {
                 self.write_last();
@@ -413,7 +749,7 @@ impl<S: Stream> WsConn<S> {
             Err(tungstenite::Error::Io(e)) => return Err(CloseReason::from_io(&e)),
             Err(e) => return Err(CloseReason::Protocol(format!("{e}"))),
         }
-        let tap = self.ws.get_mut();
+        let tap = &mut self.tap;
         match tap.out.write_to(&mut tap.stream) {
             Ok(()) => {
                 self.unsent_since = None;
@@ -475,6 +811,80 @@ mod tests {
             &config,
             &Meter::default(),
         )
+    }
+
+    /// A masked client frame.
+    fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![first];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&[0, 0, 0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn the_frame_scan_follows_frames_across_reads() {
+        let mut stream = frame(0x81, &[b'a'; 70_000]);
+        stream.extend(frame(0x89, b""));
+        stream.extend(frame(0x01, &[b'b'; 300])); // a fragment...
+        stream.extend(frame(0x89, b"p")); // ...a ping inside it...
+        let end = frame(0x80, b"c"); // ...and its last fragment
+        let mut scan = FrameScan::default();
+        for chunk in stream.chunks(7) {
+            scan.feed(chunk);
+        }
+        assert_eq!(scan.units, 3, "the text, and the two pings");
+        assert!(!scan.at_boundary(), "inside the fragmented message");
+        assert_eq!(
+            scan.partial,
+            6 + 2 + 300 + 6 + 1,
+            "the unfinished message, and the ping inside it"
+        );
+        scan.feed(&end[..3]);
+        assert!(!scan.at_boundary());
+        scan.feed(&end[3..]);
+        assert_eq!(scan.units, 4);
+        assert!(scan.at_boundary());
+        assert_eq!(scan.partial, 0);
+        assert_eq!(scan.largest, 70_000 + 14, "a 64-bit length: 2 + 8 + 4 bytes of header");
+    }
+
+    #[test]
+    fn a_large_message_leaves_a_fresh_read_buffer_and_loses_nothing_behind_it() {
+        let mut w = conn();
+        let big = serde_json::json!({"type": "unsubscribe", "content": {"repos": vec!["x".repeat(100); 200]}});
+        let small = br#"{"type":"unsubscribe","content":{"repos":["y"]}}"#;
+        // Two messages in one read: the buffer is not replaced while the second is in it.
+        let mut input = frame(0x81, big.to_string().as_bytes());
+        input.extend(frame(0x81, small));
+        w.stream_mut().input.push_back(input);
+        assert!(matches!(w.read_one(0, 100), WsRead::Msg(ClientMsg::Unsubscribe(r)) if r.len() == 200));
+        assert!(
+            w.tap.scan.largest > KEEP_READ_BUFFER,
+            "kept: the second message is buffered"
+        );
+        assert_eq!(
+            w.read_one(0, 100),
+            WsRead::Msg(ClientMsg::Unsubscribe(vec!["y".into()]))
+        );
+        assert_eq!(w.tap.scan.largest, 0, "replaced once nothing was left in it");
+        // The fresh context reads on as before.
+        w.stream_mut().input.push_back(frame(0x81, small));
+        assert_eq!(
+            w.read_one(0, 100),
+            WsRead::Msg(ClientMsg::Unsubscribe(vec!["y".into()]))
+        );
+        assert_eq!(w.read_one(0, 100), WsRead::Drained);
     }
 
     #[test]

@@ -26,7 +26,10 @@ enum Filter<'a> {
 }
 
 impl<L: Listen> Server<L> {
-    pub(super) fn on_client_msg(&mut self, key: usize, msg: ClientMsg, now: Now) {
+    /// Applies one client message and queues its replies; false if that doomed the
+    /// connection (nothing more of it is read). A connection closing for a policy
+    /// violation is read on: its data is dropped, and its Close answers ours.
+    pub(super) fn on_client_msg(&mut self, key: usize, msg: ClientMsg, now: Now) -> bool {
         let policy = Policy {
             verifier: &self.verifier,
             max_repos: self.config.max_repos_per_connection,
@@ -34,7 +37,11 @@ impl<L: Listen> Server<L> {
         };
         for reply in subscribe::apply(msg, key, &mut self.subs, &policy, &mut self.stats) {
             match reply {
-                Reply::JwtExpired(repo_id) => self.send(key, &crate::event::jwt_expired(&repo_id), now.mono),
+                Reply::JwtExpired(repo_id) => {
+                    if !self.send(key, &crate::event::jwt_expired(&repo_id), now.mono) {
+                        return false;
+                    }
+                }
                 Reply::TooManySubscriptions => {
                     let close_by = now.mono + self.timers.close_timeout;
                     if let Some(Conn::Ws(w)) = self.conns.get_mut(key) {
@@ -49,6 +56,7 @@ impl<L: Listen> Server<L> {
                 }
             }
         }
+        true
     }
 
     /// Delivers an event, from whatever source, through the group gate (which keeps each
@@ -56,17 +64,6 @@ impl<L: Listen> Server<L> {
     pub fn deliver(&mut self, ev: Event, now: Millis) {
         self.stats.event(ev.kind);
         self.through_gate(now, |gate, env| gate.offer(ev, now, env));
-    }
-
-    /// Takes the events other instances published.
-    pub(super) fn on_bus_events(&mut self, now: Millis) {
-        let received: Vec<Event> = match self.bus.as_ref() {
-            Some(bus) => bus.received().collect(),
-            None => return,
-        };
-        for ev in received {
-            self.deliver(ev, now);
-        }
     }
 
     /// Takes the group helper's answers and delivers what they release.
@@ -83,19 +80,20 @@ impl<L: Listen> Server<L> {
         self.through_gate(now, |gate, env| gate.expire(now, env));
     }
 
-    /// Runs one gate operation with the view of the server it needs, and fans out every
-    /// event it lets go.
+    /// Runs one gate operation with the view of the server it needs; every event it
+    /// lets go joins the released queue, which is fanned out as far as ingest is open
+    /// (`ingest.rs`: a lookup may release thousands of held events at once).
     fn through_gate<I: IntoIterator<Item = Go>>(&mut self, now: Millis, op: impl FnOnce(&mut Gate, &mut GateEnv) -> I) {
         let Server {
             gate,
             subs,
             bus,
             lookups,
+            ingest,
             ..
         } = self;
-        for go in op(gate, &mut GateEnv { subs, bus, lookups }) {
-            self.fan_out(go, now);
-        }
+        ingest.release(op(gate, &mut GateEnv { subs, bus, lookups }));
+        self.fan_out_released(now);
     }
 
     /// Queues the event's one frame into every subscriber its audience lets through, then

@@ -32,11 +32,15 @@ impl<L: Listen> Server<L> {
         }
     }
 
-    /// Queues one message on one websocket, dooming it if it cannot take more.
-    pub(super) fn send(&mut self, key: usize, msg: &str, now: Millis) {
-        if let Some(Conn::Ws(w)) = self.conns.get_mut(key) {
-            let sent = w.send_text(msg, now);
-            self.note_sent(key, sent, now);
+    /// Queues one message on one websocket, dooming it if it cannot take more; false if
+    /// it is doomed (or gone).
+    pub(super) fn send(&mut self, key: usize, msg: &str, now: Millis) -> bool {
+        match self.conns.get_mut(key) {
+            Some(Conn::Ws(w)) => {
+                let sent = w.send_text(msg, now);
+                self.note_sent(key, sent, now)
+            }
+            _ => false,
         }
     }
 

@@ -1,14 +1,28 @@
-//! Ingest: when the server takes new events. Two rules hold new events back, so that
-//! what it has accepted is delivered promptly and within bounded memory:
+//! Ingest: when the server takes new events, and fans out the ones it has. Two rules
+//! hold events back, so that what it has accepted is delivered promptly and within
+//! bounded memory, whichever way the events came (`/events`, the Redis bus, or released
+//! by the group gate):
 //!
-//! - **The output budget** (`max_output_bytes`). The [`Meter`](crate::conn::Meter) counts
-//!   the memory held for unsent output across all connections. At the budget the server
-//!   takes no `/events` request (each sender's request waits unanswered, and its next
-//!   ones unread in the kernel) and stops draining the bus inbox, until output drains to
-//!   three quarters of the budget. Everything else goes on: `/ping` (health checks),
-//!   websocket upgrades (reconnecting clients), pongs and subscribes, the metrics
-//!   listener. Clients are never closed for this: a client is closed as a slow consumer
-//!   only for its own lack of progress (see `WsConn::send`).
+//! - **The output budget** (`max_output_bytes`) covers every byte the server holds for
+//!   delivery: what the [`Meter`](crate::conn::Meter) counts for unsent websocket output
+//!   across all connections (event frames, replies, pongs, Close frames), the events the
+//!   group gate holds behind a lookup, and the events released and not yet fanned out.
+//!   At the budget the server takes no `/events` request (each sender's request waits
+//!   unanswered, and its next ones unread in the kernel), takes nothing from the bus
+//!   inbox and fans out nothing, until it drains to three quarters of the budget.
+//!   Everything else goes on: `/ping` (health checks), websocket upgrades, subscribes
+//!   and pongs (reconnecting clients), the metrics listener. Clients are never closed
+//!   for this: a client is closed as a slow consumer only for its own lack of progress
+//!   (see `WsConn::send`).
+//! - **The reply reserve.** Replies to client messages (`jwt-expired`, pongs, Close
+//!   frames) are output too: a flood of bad subscribes from clients that never read made
+//!   the server queue gigabytes. Each client's replies are held to its
+//!   `max_unsent_bytes` when queued (`WsConn::send_text`), and all of them to the last
+//!   [`REPLY_RESERVE`]th above the budget: past `max_output_bytes + max_output_bytes /
+//!   REPLY_RESERVE` no websocket message is read until output drains below it (silence is
+//!   not judged meanwhile: the server is not reading). The reserve keeps reconnecting
+//!   clients served while events wait for stuck ones; the hard limit keeps every byte
+//!   held for output within 9/8 of the budget, whoever caused it.
 //! - **Pacing.** Under a burst `/events` is read far faster than its fan-out can be
 //!   written: unpaced, a burst of small events to one large library queued hundreds of
 //!   frames per subscriber, over `max_unsent_bytes`, and the server evicted clients for
@@ -25,8 +39,16 @@
 //! ingest opens again (readiness is edge-triggered: no new event would come for bytes
 //! already read). A `/events` request is still answered 200 before its fan-out, and
 //! every accepted event goes to every subscriber.
+//!
+//! Every event the gate lets go joins one queue, `released`, and is fanned out from its
+//! front one at a time while ingest is open; so is every bus event, taken from the inbox
+//! one at a time, the rest left where it is. Both used to go in one step: a bus inbox
+//! of 3,000 events, or 10,000 events released by one group lookup, fanned out at once,
+//! past pacing and the budget. One queue also keeps each library's events in order.
 
 use super::{Conn, Listen, Now, Server};
+use crate::conn::Millis;
+use crate::gate::Go;
 use std::collections::VecDeque;
 
 /// Most deliveries pending (across all connections) for `/events` to be read: 512 KiB
@@ -35,6 +57,10 @@ use std::collections::VecDeque;
 /// frame in a write of its own: 15-20 us per delivery, a tenth of the throughput.
 pub(super) const PACE_ENTRIES: usize = 32 * 1024;
 
+/// The share of `max_output_bytes` kept above it for replies to client messages (an
+/// eighth: 8 MiB of the default 64 MiB). See the module doc.
+pub(super) const REPLY_RESERVE: usize = 8;
+
 /// What holds new events back, and who waits.
 #[derive(Default)]
 pub(super) struct Ingest {
@@ -42,8 +68,12 @@ pub(super) struct Ingest {
     over_budget: bool,
     /// HTTP connections holding an `/events` request until ingest opens, oldest first.
     deferred: VecDeque<usize>,
-    /// The bus woke the loop while ingest was held.
+    /// The bus inbox may hold events not taken yet.
     bus_waiting: bool,
+    /// Events the gate let go, not fanned out yet, oldest first.
+    released: VecDeque<Go>,
+    /// The memory they hold (`Event::held_bytes`).
+    released_bytes: usize,
 }
 
 impl Ingest {
@@ -51,12 +81,45 @@ impl Ingest {
     pub(super) fn over_budget(&self) -> bool {
         self.over_budget
     }
+
+    /// Queues events the gate let go, for [`Server::fan_out_released`].
+    pub(super) fn release(&mut self, gos: impl IntoIterator<Item = Go>) {
+        for go in gos {
+            self.released_bytes += go.event.held_bytes();
+            self.released.push_back(go);
+        }
+    }
+
+    fn next_released(&mut self) -> Option<Go> {
+        let go = self.released.pop_front()?;
+        self.released_bytes -= go.event.held_bytes();
+        Some(go)
+    }
 }
 
 impl<L: Listen> Server<L> {
+    /// The memory held for delivery: unsent output, events held by the gate, events
+    /// released and not fanned out yet.
+    pub(super) fn held_for_delivery(&self) -> usize {
+        self.meter.held() + self.gate.held_bytes() + self.ingest.released_bytes
+    }
+
+    /// Whether client messages are read now: not while what is held for delivery is
+    /// past the budget and its reply reserve.
+    pub(super) fn reading_open(&self) -> bool {
+        let budget = self.config.max_output_bytes;
+        self.held_for_delivery() < budget.saturating_add(budget / REPLY_RESERVE)
+    }
+
     /// Whether new events may be taken now; notices crossing the budget either way.
     pub(super) fn ingest_open(&mut self) -> bool {
-        let held = self.meter.held();
+        self.budget_open() && self.meter.writable_entries() < PACE_ENTRIES
+    }
+
+    /// Whether what the server holds for delivery is under the budget, with hysteresis;
+    /// notices crossing it either way (for the log and metrics).
+    fn budget_open(&mut self) -> bool {
+        let held = self.held_for_delivery();
         let budget = self.config.max_output_bytes;
         if self.ingest.over_budget {
             if held <= budget / 4 * 3 {
@@ -67,10 +130,32 @@ impl<L: Listen> Server<L> {
             self.ingest.over_budget = true;
             self.stats.output_budget_hits += 1;
             log::warn!(
-                "unsent output holds {held} bytes, at max_output_bytes ({budget}): not taking events until it drains"
+                "output held for delivery is {held} bytes, at max_output_bytes ({budget}): not taking events or client messages until it drains"
             );
         }
-        !self.ingest.over_budget && self.meter.writable_entries() < PACE_ENTRIES
+        !self.ingest.over_budget
+    }
+
+    /// Fans out released events, oldest first, while ingest stays open.
+    pub(super) fn fan_out_released(&mut self, now: Millis) {
+        while !self.ingest.released.is_empty() && self.ingest_open() {
+            if let Some(go) = self.ingest.next_released() {
+                self.fan_out(go, now);
+            }
+        }
+    }
+
+    /// Takes events from the bus inbox one at a time while ingest stays open; the rest
+    /// wait there (the subscriber thread counts what a full inbox drops).
+    fn take_bus_events(&mut self, now: Millis) {
+        self.ingest.bus_waiting = true;
+        while self.ingest.released.is_empty() && self.ingest_open() {
+            let Some(ev) = self.bus.as_ref().and_then(|bus| bus.next_received()) else {
+                self.ingest.bus_waiting = false;
+                return;
+            };
+            self.deliver(ev, now);
+        }
     }
 
     /// Remembers an HTTP connection that holds an `/events` request, for when ingest
@@ -83,22 +168,19 @@ impl<L: Listen> Server<L> {
         }
     }
 
-    /// Takes bus events now, or remembers that some wait.
-    pub(super) fn bus_or_defer(&mut self, now: Now) {
-        if self.ingest_open() {
-            self.on_bus_events(now.mono);
-        } else {
-            self.ingest.bus_waiting = true;
+    /// The bus woke the loop: takes its events as far as ingest is open.
+    pub(super) fn on_bus_wake(&mut self, now: Now) {
+        if self.bus.is_some() {
+            self.take_bus_events(now.mono);
         }
     }
 
-    /// Serves what waited for ingest, oldest first, while it stays open.
+    /// Serves what waited for ingest, oldest first, while it stays open: released
+    /// events, then the bus inbox, then held `/events` requests.
     pub(super) fn resume_ingest(&mut self, now: Now) {
-        // Also notices the budget crossed by this step's fan-out, for the log and metrics.
-        let open = self.ingest_open();
-        if self.ingest.bus_waiting && open {
-            self.ingest.bus_waiting = false;
-            self.on_bus_events(now.mono);
+        self.fan_out_released(now.mono);
+        if self.ingest.bus_waiting {
+            self.take_bus_events(now.mono);
         }
         while !self.ingest.deferred.is_empty() && self.ingest_open() {
             let Some(key) = self.ingest.deferred.pop_front() else {
@@ -124,5 +206,13 @@ impl<L: Listen> Server<L> {
     /// Connections waiting for ingest (for metrics and tests).
     pub(super) fn deferred(&self) -> usize {
         self.ingest.deferred.len()
+    }
+
+    /// Whether events wait for ingest without a readiness event to bring them: released
+    /// events or a bus inbox, while ingest is open (the loop then polls without sleeping).
+    pub(super) fn events_waiting(&self) -> bool {
+        (!self.ingest.released.is_empty() || self.ingest.bus_waiting)
+            && !self.ingest.over_budget
+            && self.meter.writable_entries() < PACE_ENTRIES
     }
 }

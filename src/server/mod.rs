@@ -53,8 +53,8 @@ use std::time::{Duration, Instant};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 pub use crate::control::KEY_GRACE_SECONDS;
-use accept::AcceptPause;
 pub use accept::Listen;
+use accept::{AcceptPause, ByAge};
 
 const LISTENER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
@@ -63,6 +63,18 @@ const METRICS: Token = Token(usize::MAX - 3);
 
 /// Readiness events taken per `poll` call.
 const EVENTS_PER_POLL: usize = 1024;
+
+/// Most subscribe and unsubscribe entries acted on in one loop turn, over every
+/// websocket (each is a token check and maybe a reply: a few ms in all). The per
+/// connection budget keeps one client from taking a turn; this keeps 32 of them from
+/// taking 3 s of it between two `/ping`s. What is left waits for the next turn.
+const TURN_ENTRIES: usize = 1024;
+
+/// Most bytes of client messages parsed in one loop turn, over every websocket (the
+/// other cost a flood of messages has: 32 clients completing a 256 KiB message each in
+/// one turn held it for 2 s in a debug build). The message that crosses it is parsed
+/// whole.
+const TURN_PARSED_BYTES: usize = 256 * 1024;
 
 /// A connection in the slab.
 pub enum Conn<S> {
@@ -78,13 +90,14 @@ pub struct Ready {
     pub token: Token,
     pub readable: bool,
     pub writable: bool,
-    /// The peer closed its side, or the socket errored.
+    /// The peer closed its side, the socket errored, or urgent data came: each can end a
+    /// read short with more to read (socket.rs).
     pub hung_up: bool,
 }
 
 impl Ready {
     fn from_event(ev: &mio::event::Event) -> Ready {
-        let hung_up = ev.is_read_closed() || ev.is_error();
+        let hung_up = ev.is_read_closed() || ev.is_error() || ev.is_priority();
         Ready {
             token: ev.token(),
             readable: ev.is_readable() || hung_up,
@@ -119,6 +132,10 @@ pub struct Server<L: Listen = TcpListener> {
     local_addr: SocketAddr,
     conns: Slab<Conn<L::Stream>>,
     accept_pause: Option<AcceptPause>,
+    /// Websockets by age, for giving an idle one's slot to a new connection at the cap.
+    by_age: ByAge,
+    /// The metrics listener ran out of descriptors; retried once a tick.
+    metrics_accept_paused: bool,
     /// EMFILE/ENFILE was logged; it is logged again only after an accept succeeded.
     fd_exhaustion_logged: bool,
     /// Websockets with queued output and when they were queued, oldest first; each step
@@ -126,8 +143,14 @@ pub struct Server<L: Listen = TcpListener> {
     flush_queue: VecDeque<(usize, Millis)>,
     /// Connections to tear down at the end of the step, with why.
     doomed: Vec<(usize, CloseReason)>,
-    /// Websockets that stopped reading at `max_messages_per_wakeup` and still have input.
+    /// Websockets that spent their turn's read budget (or were not read while output is
+    /// over the budget) and may still have input; each listed once (`WsConn::mark_unread`).
     unread: Vec<usize>,
+    /// Loop turns so far: a websocket's read budget is per turn.
+    turn: u64,
+    /// What client messages may still cost in this turn, over every websocket.
+    turn_entries: usize,
+    turn_parsed_bytes: usize,
     /// The memory held for unsent websocket output, over every connection.
     meter: Meter,
     /// The output budget and pacing, and who waits for them (`ingest.rs`).
@@ -220,10 +243,15 @@ impl<L: Listen> Server<L> {
             local_addr,
             conns: Slab::with_capacity(64),
             accept_pause: None,
+            by_age: ByAge::default(),
+            metrics_accept_paused: false,
             fd_exhaustion_logged: false,
             flush_queue: VecDeque::new(),
             doomed: Vec::new(),
             unread: Vec::new(),
+            turn: 0,
+            turn_entries: TURN_ENTRIES,
+            turn_parsed_bytes: TURN_PARSED_BYTES,
             meter: Meter::default(),
             ingest: ingest::Ingest::default(),
             subs: Subs::default(),
@@ -290,7 +318,7 @@ impl<L: Listen> Server<L> {
     /// `max_messages_per_wakeup` or waiting in the flush queue. The loop then polls with
     /// a zero timeout.
     fn work_left(&self) -> bool {
-        !self.unread.is_empty() || !self.flush_queue.is_empty()
+        (!self.unread.is_empty() && self.reading_open()) || !self.flush_queue.is_empty() || self.events_waiting()
     }
 
     fn poll_timeout(&self, now: Millis) -> Duration {
@@ -305,13 +333,16 @@ impl<L: Listen> Server<L> {
     /// tears down (see the module doc).
     pub fn step(&mut self, ready: &[Ready], now: Now) -> Flow {
         let turn_started = Instant::now();
+        self.turn += 1;
+        self.turn_entries = TURN_ENTRIES;
+        self.turn_parsed_bytes = TURN_PARSED_BYTES;
         for r in ready {
             match r.token {
                 LISTENER => self.accept(now.mono, Listener::Public),
                 METRICS => self.accept(now.mono, Listener::Metrics),
                 WAKER => {
                     self.on_lookup_replies(now.mono);
-                    self.bus_or_defer(now);
+                    self.on_bus_wake(now);
                 }
                 SIGNALS => {
                     if self.on_signals(now.mono) == Flow::Exit {
@@ -321,8 +352,13 @@ impl<L: Listen> Server<L> {
                 Token(key) => self.on_ready(key, r, now),
             }
         }
-        for key in std::mem::take(&mut self.unread) {
-            self.read_ws(key, now);
+        if self.reading_open() {
+            for key in std::mem::take(&mut self.unread) {
+                if let Some(Conn::Ws(w)) = self.conns.get_mut(key) {
+                    w.clear_unread();
+                    self.read_ws(key, now);
+                }
+            }
         }
         self.sweep_step(now);
         self.flush_queued(now.mono, turn_started);
@@ -334,6 +370,8 @@ impl<L: Listen> Server<L> {
             self.flush_queued(now.mono, turn_started);
             self.teardown();
         }
+        let held = self.held_for_delivery();
+        self.control.note_output(held);
         self.stats.turn(turn_started.elapsed().as_secs_f64());
         match self.control.drain_end(now.mono, self.conns.len()) {
             None => Flow::Continue,
@@ -452,6 +490,7 @@ impl<L: Listen> Server<L> {
         self.stats.http_requests += turn.tally.requests;
         self.stats.events_ignored += turn.tally.events_ignored;
         self.stats.events_invalid += turn.tally.events_invalid;
+        self.stats.events_forbidden += turn.tally.events_forbidden;
         for e in turn.tally.token_rejections {
             self.stats.event_token_rejected(e);
         }
@@ -476,14 +515,16 @@ impl<L: Listen> Server<L> {
             pending_group_lookups: self.gate.pending() as u64,
             groups: self.gate.counts,
             flush_queue: self.flush_queue.len() as u64,
-            output_bytes: self.meter.held() as u64,
+            output_bytes: self.held_for_delivery() as u64,
             pending_deliveries: self.meter.entries() as u64,
             output_over_budget: self.ingest.over_budget(),
             ingest_waiting: self.deferred() as u64,
             accept_paused: self.accept_pause.is_some(),
             draining: self.control.draining(),
             group_database: self.lookups.is_some(),
-            resident_bytes: metrics::resident_bytes(),
+            max_connections: self.config.max_connections as u64,
+            max_output_bytes: self.config.max_output_bytes as u64,
+            process: crate::process_stats::ProcessStats::read(),
             bus: self.bus.as_ref().map(Bus::gauges),
             ..Gauges::default()
         };
@@ -507,33 +548,73 @@ impl<L: Listen> Server<L> {
         let ws = h.into_ws(now.mono, &self.config, &self.meter);
         log::debug!("connection {key} from {} is a websocket", ws.client_addr());
         *slot = Conn::Ws(Box::new(ws));
+        self.list_by_age(key);
         self.sync_interest(key);
         // Bytes may have come with or after the upgrade request; their edge is spent.
         self.read_ws(key, now);
     }
 
-    /// Reads websocket messages up to the per-wake-up budget and acts on them.
+    /// Reads websocket messages within the connection's budget for this turn
+    /// (`max_messages_per_wakeup` frames, [`READ_BYTES_PER_TURN`](crate::conn::READ_BYTES_PER_TURN)
+    /// bytes, [`ENTRIES_PER_TURN`](crate::conn::ENTRIES_PER_TURN) subscribe entries) and acts on them. A connection with input
+    /// possibly left is listed in `unread`, once, and read again next turn without an
+    /// edge. Past the output budget and its reply reserve no client message is read at
+    /// all (see `ingest.rs`): its replies would add to what is already too much.
     fn read_ws(&mut self, key: usize, now: Now) {
         let close_by = now.mono + self.timers.close_timeout;
-        for _ in 0..self.config.max_messages_per_wakeup {
+        let reading = self.reading_open();
+        let (turn, frames) = (self.turn, self.config.max_messages_per_wakeup);
+        let turn_spent = self.turn_entries == 0 || self.turn_parsed_bytes == 0;
+        let Some(Conn::Ws(w)) = self.conns.get_mut(key) else {
+            return;
+        };
+        if !reading || turn_spent {
+            if w.mark_unread() {
+                self.unread.push(key);
+            }
+            return;
+        }
+        w.begin_turn(turn, frames);
+        let parsed_before = w.parsed_this_turn();
+        loop {
             let Some(Conn::Ws(w)) = self.conns.get_mut(key) else {
                 return;
             };
-            match w.read_one(now.mono, close_by) {
-                WsRead::Msg(msg) => self.on_client_msg(key, msg, now),
-                WsRead::Drained => {
-                    self.queue_flush(key, now.mono);
-                    return;
+            if self.turn_entries == 0 || w.parsed_this_turn() - parsed_before >= self.turn_parsed_bytes {
+                // The turn's share for every websocket is spent: the rest waits.
+                if w.mark_unread() {
+                    self.unread.push(key);
                 }
+                break;
+            }
+            match w.read_one(now.mono, close_by) {
+                WsRead::Msg(msg) => {
+                    w.spend_entries(msg.entries());
+                    self.turn_entries = self.turn_entries.saturating_sub(msg.entries());
+                    if !self.on_client_msg(key, msg, now) {
+                        return; // doomed
+                    }
+                }
+                WsRead::Control => {}
+                WsRead::Drained => break,
                 WsRead::Close(reason) => {
                     self.doomed.push((key, reason));
                     return;
                 }
             }
         }
-        // Budget spent with input possibly left: come back next step without an edge.
         self.queue_flush(key, now.mono);
-        self.unread.push(key);
+        if let Some(Conn::Ws(w)) = self.conns.get_mut(key) {
+            let parsed = w.parsed_this_turn() - parsed_before;
+            self.turn_parsed_bytes = self.turn_parsed_bytes.saturating_sub(parsed);
+        }
+        if let Some(Conn::Ws(w)) = self.conns.get_mut(key)
+            && w.throttled()
+            && w.mark_unread()
+        {
+            // Budget spent with input possibly left: come back next turn without an edge.
+            self.unread.push(key);
+        }
     }
 
     /// Registers or unregisters interest in WRITABLE, if the connection's state changed
@@ -558,6 +639,7 @@ impl<L: Listen> Server<L> {
 
     /// The only place connections end: unsubscribe, deregister, free the slot, one log line.
     fn teardown(&mut self) {
+        self.by_age.evicting = 0;
         // In order: when a connection was doomed twice in a step (its peer closed, then an
         // event found it closed), the first reason is the true one.
         for (key, reason) in std::mem::take(&mut self.doomed) {

@@ -119,14 +119,19 @@ impl<L: Listen> Server<L> {
             self.accept_pause = None;
             self.accept(now, Listener::Public);
         }
+        if std::mem::take(&mut self.metrics_accept_paused) {
+            self.accept(now, Listener::Metrics);
+        }
         if self.control.previous_key_expired(now) && self.verifier.forget_previous() {
             log::info!("the JWT key before the last reload is no longer accepted");
         }
-        if self.control.trim_due(now, self.conns.len()) {
+        let output = self.held_for_delivery();
+        if self.control.trim_due(now, self.conns.len(), output) {
             self.conns.shrink_to_fit();
             self.subs.shrink();
             self.flush_queue.shrink_to_fit();
             self.doomed.shrink_to_fit();
+            self.unread.shrink_to_fit();
             crate::control::release_free_memory();
         }
     }
@@ -163,6 +168,11 @@ impl<L: Listen> Server<L> {
             }
         }
         for key in silent {
+            if !self.reading_open() {
+                // Past the output budget's reply reserve no client message is read
+                // (ingest.rs): their pongs wait unread, so their silence says nothing.
+                continue;
+            }
             if let Some(Conn::Ws(w)) = self.conns.get_mut(key) {
                 w.stream_mut().rearm();
             }

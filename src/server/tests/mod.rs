@@ -1,9 +1,13 @@
 //! Loop-level tests: the real reactor, stepped with a fake clock over scripted sockets
 //! (accepted from a scripted listener), with real tokens and, for groups, a real SQLite
-//! group database behind the real lookup helper.
+//! group database behind the real lookup helper. `bounds.rs` holds the tests of what
+//! one turn may take and hold (issues "hostile" and "bounds").
+
+mod bounds;
 
 use super::*;
 use crate::auth::tests::sign;
+use crate::conn::MAX_PENDING_OUTPUT;
 use crate::scripted::ScriptedStream;
 use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
@@ -16,6 +20,8 @@ const KEY: &[u8] = b"loop-test-key";
 #[derive(Default)]
 struct ScriptedListener {
     waiting: RefCell<VecDeque<ScriptedStream>>,
+    /// The next accept fails with EMFILE, as when descriptors run out.
+    emfile_once: std::cell::Cell<bool>,
 }
 
 impl mio::event::Source for ScriptedListener {
@@ -33,6 +39,9 @@ impl mio::event::Source for ScriptedListener {
 impl Listen for ScriptedListener {
     type Stream = ScriptedStream;
     fn accept(&self) -> io::Result<(ScriptedStream, SocketAddr)> {
+        if self.emfile_once.replace(false) {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
         match self.waiting.borrow_mut().pop_front() {
             Some(stream) => Ok((stream, peer())),
             None => Err(io::ErrorKind::WouldBlock.into()),
@@ -106,8 +115,13 @@ impl Loop {
 
     /// Accepts a connection that has `input` waiting, and lets it be read.
     fn connect(&mut self, input: Vec<u8>) -> usize {
+        self.connect_stream(ScriptedStream::new([input]))
+    }
+
+    /// Accepts a connection on `stream` (its input, end of stream and room as scripted),
+    /// and lets it be read.
+    fn connect_stream(&mut self, stream: ScriptedStream) -> usize {
         let key = self.server.conns.vacant_key();
-        let stream = ScriptedStream::new([input]);
         self.server
             .listener
             .as_ref()
@@ -429,4 +443,92 @@ fn the_key_before_a_reload_is_accepted_for_five_minutes_of_the_loops_own_clock()
         })
         .collect();
     assert_eq!(commits, ["new", "old, at once", "old, just in time", "new, later"]);
+}
+
+/// Pongs written to `key` so far.
+fn pongs(l: &mut Loop, key: usize) -> usize {
+    let out = String::from_utf8(l.stream(key).output.clone()).unwrap();
+    out.matches("{\"ret\": \"pong\"}").count()
+}
+
+fn writable(token: Token) -> Ready {
+    Ready {
+        token,
+        readable: false,
+        writable: true,
+        hung_up: false,
+    }
+}
+
+/// 1,500 pipelined pings and the bytes of their answers.
+fn pipelined_pings(l: &mut Loop) -> (Vec<u8>, usize) {
+    let ping = b"GET /ping HTTP/1.1\r\n\r\n";
+    let one = l.connect(ping.to_vec());
+    let answer = l.stream(one).output.len();
+    let total = 1_500 * answer;
+    assert!(total > 2 * MAX_PENDING_OUTPUT, "the answers pass the output cap");
+    (ping.repeat(1_500), total)
+}
+
+#[test]
+fn pipelined_requests_past_the_output_cap_are_answered_without_another_edge() {
+    // 1,500 pings read in one go: their answers pass MAX_PENDING_OUTPUT. No readiness
+    // edge will come for requests already read, so the connection must go on with them
+    // as its writes free room: at once when the socket takes everything, ...
+    let mut l = Loop::new(Config::default(), None);
+    let (pings, total) = pipelined_pings(&mut l);
+    let key = l.connect(pings.clone());
+    assert_eq!(pongs(&mut l, key), 1_500);
+    assert!(l.is_open(key));
+    // ... and the same from a client that half-closed after them, then the close. (The
+    // socket holds the last byte back, so the answers can be looked at before it.)
+    let mut stream = ScriptedStream::new([pings]);
+    stream.eof = true;
+    stream.write_room = total - 1;
+    let key = l.connect_stream(stream);
+    assert_eq!(pongs(&mut l, key), 1_500);
+    l.stream(key).write_room = 1;
+    l.step(&[writable(Token(key))]);
+    assert!(!l.is_open(key), "closed once all is answered");
+    assert_eq!(l.closes("peer_closed"), 1);
+}
+
+#[test]
+fn pipelined_requests_past_the_output_cap_go_on_at_each_writable_event() {
+    // A socket that takes 20,000 bytes per WRITABLE event: every event answers more of
+    // the buffered requests, each turn bounded by the output cap, and nothing is read
+    // or answered between events (no busy loop).
+    for eof in [false, true] {
+        let mut l = Loop::new(Config::default(), None);
+        let (pings, total) = pipelined_pings(&mut l);
+        // After a half-close, the last byte is held back to look at the answers first.
+        let end = if eof { total - 1 } else { total };
+        let mut stream = ScriptedStream::new([pings]);
+        stream.eof = eof;
+        stream.write_room = 20_000;
+        let key = l.connect_stream(stream);
+        let mut events = 0;
+        while l.stream(key).output.len() < end {
+            let written = l.stream(key).output.len();
+            l.step(&[]);
+            assert_eq!(l.stream(key).output.len(), written, "written without an event");
+            events += 1;
+            assert!(events < 100, "stalled at {} answers (eof: {eof})", pongs(&mut l, key));
+            l.stream(key).write_room = 20_000.min(end - written);
+            l.step(&[writable(Token(key))]);
+            assert!(
+                l.stream(key).output.len() > written,
+                "no progress at a WRITABLE event (eof: {eof})"
+            );
+        }
+        assert!(events >= 5, "each turn stops at the output cap: {events} events");
+        assert_eq!(pongs(&mut l, key), 1_500);
+        if eof {
+            l.stream(key).write_room = 1;
+            l.step(&[writable(Token(key))]);
+            assert!(!l.is_open(key), "closed once all is answered");
+        } else {
+            assert!(l.is_open(key));
+        }
+    }
 }

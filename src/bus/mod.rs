@@ -3,25 +3,36 @@
 //! The instance that receives `POST /events` resolves the audience once (the group lookup
 //! included), delivers to its own subscribers, and publishes the event with its resolved
 //! audience; every other instance delivers it to its own subscribers. Each message names
-//! the instance that sent it, and an instance ignores its own, so nothing is delivered
+//! the instance that sent it, and an instance ignores its own. Each message also carries
+//! an id, increasing per sender, and a receiver drops an id it has heard before ([`Seen`]):
+//! a PUBLISH whose reply was lost (a timeout, a broken connection) may have been published
+//! all the same, and is sent again, so without the ids other instances would deliver it
 //! twice.
 //!
 //! Redis is spoken by the `redis` crate's blocking client on two helper threads (Redis
 //! forbids publishing on a subscribed connection): the subscriber parses what arrives and
 //! hands it to the loop through a channel and the loop's `mio::Waker`; the publisher
-//! drains a bounded outbox. Both reconnect by themselves with capped, jittered backoff.
+//! drains a bounded outbox. Both reconnect by themselves with capped, jittered backoff;
+//! the publisher's backoff grows until a PUBLISH succeeds (not merely a connection), so a
+//! Redis that accepts connections and then fails every PUBLISH is not hammered. An error
+//! reply to PUBLISH (an ACL without `+publish`, say) is that message's failure: it is
+//! dropped and counted (`refused`), the connection kept, and it is logged once until a
+//! PUBLISH succeeds again.
+//!
 //! While Redis is unreachable, local delivery goes on unchanged; messages for the other
 //! instances wait in the outbox for at most [`OUTBOX_MAX_AGE`] and at most
 //! [`OUTBOX_CAPACITY`] of them (oldest dropped first, counted), so a short blip loses
 //! nothing and a long outage means local delivery only.
 //!
-//! Wire format, one JSON object per message:
-//! `{"v":1,"from":"<instance>","repo":"<repo id>","kind":"<type>","to":<audience>,"frame":"<text>"}`
-//! where the audience is `{"all":true}`, `{"user":"<name>"}` or `{"users":[...]}`.
+//! The messages themselves, their wire format and the ids that drop repeats, are
+//! `wire.rs`'s.
 
-use crate::event::{Audience, Event, Kind, Origin};
-use serde::{Deserialize, Serialize};
-use std::collections::{HashSet, VecDeque};
+mod wire;
+
+pub use wire::{Decoded, MAX_MESSAGE_BYTES, MAX_SENDER_BYTES, MAX_SENDERS, Seen, decode, encode};
+
+use crate::event::Event;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
@@ -32,8 +43,6 @@ pub const OUTBOX_CAPACITY: usize = 10_000;
 /// A message older than this is not published any more: its event is long delivered
 /// locally, and late delivery elsewhere would reorder it behind newer events.
 pub const OUTBOX_MAX_AGE: Duration = Duration::from_secs(10);
-/// Largest message accepted from the channel; a bigger one is foreign and ignored.
-pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// Messages from the channel waiting for the loop; past it they are dropped (counted).
 const INBOX_CAPACITY: usize = 10_000;
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -51,110 +60,8 @@ pub struct BusStats {
     pub dropped: AtomicU64,
     /// Incoming messages that were malformed or foreign.
     pub ignored: AtomicU64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Wire {
-    v: u32,
-    from: String,
-    repo: String,
-    kind: String,
-    to: WireAudience,
-    frame: String,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WireAudience {
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    all: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    users: Option<Vec<String>>,
-}
-
-/// Encodes an event with its resolved audience for the channel.
-pub fn encode(instance: &str, ev: &Event, members: Option<&HashSet<Box<str>>>) -> Option<String> {
-    let to = match (&ev.audience, members) {
-        (Audience::All, _) => WireAudience {
-            all: true,
-            user: None,
-            users: None,
-        },
-        (Audience::User(u), _) => WireAudience {
-            all: false,
-            user: Some(u.clone()),
-            users: None,
-        },
-        (Audience::Members(set), _) => WireAudience {
-            all: false,
-            user: None,
-            users: Some(set.iter().map(|u| u.to_string()).collect()),
-        },
-        (Audience::Group(_), Some(set)) => WireAudience {
-            all: false,
-            user: None,
-            users: Some(set.iter().map(|u| u.to_string()).collect()),
-        },
-        // An unresolved group is never published: every receiver would have to guess.
-        (Audience::Group(_), None) => return None,
-    };
-    let wire = Wire {
-        v: 1,
-        from: instance.to_string(),
-        repo: ev.repo_id.clone(),
-        kind: ev.kind.name().to_string(),
-        to,
-        frame: ev.frame.as_str().to_string(),
-    };
-    serde_json::to_string(&wire).ok()
-}
-
-/// What a channel message is to this instance.
-#[derive(Debug, PartialEq)]
-pub enum Decoded {
-    Event(Event),
-    /// Published by this very instance.
-    Own,
-    /// Not one of ours: the reason, for the warning.
-    Foreign(String),
-}
-
-/// Decodes a channel message.
-pub fn decode(instance: &str, payload: &[u8]) -> Decoded {
-    if payload.len() > MAX_MESSAGE_BYTES {
-        return Decoded::Foreign(format!("message of {} bytes", payload.len()));
-    }
-    let wire: Wire = match serde_json::from_slice(payload) {
-        Ok(w) => w,
-        Err(e) => return Decoded::Foreign(format!("not a notification message: {e}")),
-    };
-    if wire.v != 1 {
-        return Decoded::Foreign(format!("unknown message version {}", wire.v));
-    }
-    if wire.from == instance {
-        return Decoded::Own;
-    }
-    let Some(kind) = Kind::from_name(&wire.kind) else {
-        return Decoded::Foreign(format!("unknown event type {:?}", wire.kind));
-    };
-    if wire.repo.is_empty() || !wire.frame.ends_with('\n') {
-        return Decoded::Foreign("message without a repo or a frame".into());
-    }
-    let audience = match (wire.to.all, wire.to.user, wire.to.users) {
-        (true, None, None) => Audience::All,
-        (false, Some(u), None) => Audience::User(u),
-        (false, None, Some(users)) => Audience::Members(Arc::new(users.into_iter().map(Box::from).collect())),
-        _ => return Decoded::Foreign("message with an ambiguous audience".into()),
-    };
-    Decoded::Event(Event {
-        kind,
-        repo_id: wire.repo,
-        audience,
-        frame: wire.frame.into(),
-        origin: Origin::Bus,
-    })
+    /// Outgoing messages Redis answered PUBLISH for with an error (dropped).
+    pub refused: AtomicU64,
 }
 
 /// A unique name for this instance: host name, process id and some randomness.
@@ -197,6 +104,7 @@ impl Bus {
             received: st.received.load(Relaxed),
             dropped: st.dropped.load(Relaxed),
             ignored: st.ignored.load(Relaxed),
+            refused: st.refused.load(Relaxed),
         }
     }
 
@@ -247,9 +155,27 @@ impl Bus {
         self.outbox.ready.notify_one();
     }
 
-    /// Events from the other instances that are ready, without blocking.
-    pub fn received(&self) -> impl Iterator<Item = Event> + '_ {
-        self.inbox.try_iter()
+    /// A bus with no threads and no Redis, and the sender that fills its inbox as the
+    /// subscriber thread would (for loop tests).
+    #[cfg(test)]
+    pub fn for_tests() -> (Bus, mpsc::SyncSender<Event>) {
+        let (inbox_tx, inbox) = mpsc::sync_channel(INBOX_CAPACITY);
+        let bus = Bus {
+            instance: "test-instance".into(),
+            outbox: Arc::new(Outbox {
+                queue: Mutex::new(VecDeque::new()),
+                ready: Condvar::new(),
+            }),
+            inbox,
+            stats: Arc::new(BusStats::default()),
+        };
+        (bus, inbox_tx)
+    }
+
+    /// The next event from the other instances, if one is ready, without blocking. The
+    /// loop takes them one at a time, as far as ingest is open (`server/ingest.rs`).
+    pub fn next_received(&self) -> Option<Event> {
+        self.inbox.try_recv().ok()
     }
 }
 
@@ -264,6 +190,15 @@ fn backoff(attempt: u32) -> Duration {
     base / 2 + base.mul_f64(f64::from(nanos % 1000) / 2000.0)
 }
 
+/// A read that a signal interrupted: after SIGSTOP and SIGCONT (a debugger, a VM
+/// snapshot, a paused container), Linux ends a blocking read that has a timeout with
+/// EINTR instead of restarting it. Taken for a lost connection, it dropped the
+/// subscription, and what was published until it was back was lost. redis-rs keeps the
+/// I/O error private, so it is told by its text (`Interrupted system call (os error 4)`).
+fn interrupted(e: &redis::RedisError) -> bool {
+    e.is_io_error() && e.to_string().contains(&format!("(os error {})", libc::EINTR))
+}
+
 fn subscriber(
     client: redis::Client,
     channel: String,
@@ -274,6 +209,7 @@ fn subscriber(
 ) {
     let mut attempt = 0u32;
     let mut warned = false;
+    let mut seen = Seen::default();
     loop {
         let result = (|| -> redis::RedisResult<()> {
             let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
@@ -292,6 +228,8 @@ fn subscriber(
                         pubsub.ping::<()>()?;
                         continue;
                     }
+                    // The parser keeps what it read, as after a timeout: read on.
+                    Err(e) if interrupted(&e) => continue,
                     Err(e) => return Err(e),
                 };
                 let payload: Vec<u8> = match msg.get_payload() {
@@ -301,8 +239,8 @@ fn subscriber(
                         continue;
                     }
                 };
-                match decode(&instance, &payload) {
-                    Decoded::Own => {}
+                match decode(&instance, &payload, &mut seen) {
+                    Decoded::Own | Decoded::Repeat => {}
                     Decoded::Foreign(why) => {
                         let n = stats.ignored.fetch_add(1, Ordering::Relaxed);
                         // The first and then every hundredth: a noisy channel must not flood the log.
@@ -344,10 +282,44 @@ fn subscriber(
     }
 }
 
+/// The publisher's failures since its last successful PUBLISH (one episode): how far
+/// the backoff has grown and what was already logged. Only a successful PUBLISH ends an
+/// episode: a connection that succeeds and then fails every PUBLISH must not reset it.
+#[derive(Debug, Default)]
+struct Episode {
+    attempt: u32,
+    warned_io: bool,
+    warned_refused: bool,
+}
+
+impl Episode {
+    fn published(&mut self) {
+        *self = Episode::default();
+    }
+
+    /// Connecting failed, or a PUBLISH got no reply: how long to wait before connecting
+    /// again, and whether this is the episode's first such failure (to log).
+    fn io_failure(&mut self) -> (Duration, bool) {
+        let wait = backoff(self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
+        (wait, !std::mem::replace(&mut self.warned_io, true))
+    }
+
+    /// Redis answered a PUBLISH with an error: whether this is the episode's first (to log).
+    fn refused(&mut self) -> bool {
+        !std::mem::replace(&mut self.warned_refused, true)
+    }
+}
+
+/// Whether Redis answered with an error reply (the connection is in step; only this
+/// command failed), rather than the connection failing.
+fn is_error_reply(e: &redis::RedisError) -> bool {
+    matches!(e.kind(), redis::ErrorKind::Server(_) | redis::ErrorKind::Extension)
+}
+
 fn publisher(client: redis::Client, channel: String, stats: Arc<BusStats>, outbox: Arc<Outbox>) {
     let mut conn: Option<redis::Connection> = None;
-    let mut attempt = 0u32;
-    let mut warned = false;
+    let mut episode = Episode::default();
     loop {
         // Connected before there is anything to send, so the metrics tell the truth and
         // the first event does not wait for a handshake.
@@ -358,16 +330,13 @@ fn publisher(client: redis::Client, channel: String, stats: Arc<BusStats>, outbo
                     let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
                     conn = Some(c);
                     stats.publisher_connected.store(true, Ordering::Relaxed);
-                    attempt = 0;
-                    warned = false;
                 }
                 Err(e) => {
-                    if !warned {
+                    let (wait, first) = episode.io_failure();
+                    if first {
                         log::warn!("bus: cannot connect to Redis to publish ({e}); retrying");
-                        warned = true;
                     }
-                    std::thread::sleep(backoff(attempt));
-                    attempt += 1;
+                    std::thread::sleep(wait);
                     continue;
                 }
             }
@@ -399,15 +368,29 @@ fn publisher(client: redis::Client, channel: String, stats: Arc<BusStats>, outbo
         match sent {
             Ok(_) => {
                 stats.published.fetch_add(1, Ordering::Relaxed);
+                episode.published();
+            }
+            Err(e) if is_error_reply(&e) => {
+                // Sending it again would be refused again: this message is lost to the
+                // other instances, and the connection is fine.
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                if episode.refused() {
+                    log::warn!(
+                        "bus: Redis refused to publish an event ({e}); it is delivered locally only, and so is every event refused until one is published"
+                    );
+                }
             }
             Err(e) => {
+                // No reply: it may have been published all the same. It is sent again
+                // (receivers drop the repeat by its id) after the backoff.
                 conn = None;
                 stats.publisher_connected.store(false, Ordering::Relaxed);
-                if !warned {
-                    log::warn!("bus: publishing to Redis failed ({e}); reconnecting");
-                    warned = true;
-                }
                 requeue(&outbox, queued_at, message);
+                let (wait, first) = episode.io_failure();
+                if first {
+                    log::warn!("bus: publishing to Redis failed ({e}); reconnecting");
+                }
+                std::thread::sleep(wait);
             }
         }
     }
@@ -426,67 +409,28 @@ fn requeue(outbox: &Outbox, queued_at: Instant, message: String) {
 mod tests {
     use super::*;
 
-    fn event(audience: Audience) -> Event {
-        Event {
-            kind: Kind::FolderPermChanged,
-            repo_id: "r".into(),
-            audience,
-            frame: "{\"type\":\"folder-perm-changed\",\"content\":{}}\n".into(),
-            origin: Origin::Local,
-        }
-    }
-
     #[test]
-    fn round_trip_with_each_audience() {
-        let members: HashSet<Box<str>> = ["a".into(), "b".into()].into_iter().collect();
-        for (audience, resolved) in [
-            (Audience::All, None),
-            (Audience::User("u".into()), None),
-            (Audience::Group(7), Some(&members)),
-        ] {
-            let ev = event(audience.clone());
-            let wire = encode("A", &ev, resolved).unwrap();
-            assert_eq!(decode("A", wire.as_bytes()), Decoded::Own);
-            let Decoded::Event(got) = decode("B", wire.as_bytes()) else {
-                panic!("{wire}")
-            };
-            assert_eq!(
-                (got.kind, got.repo_id.as_str(), got.frame.as_str()),
-                (ev.kind, "r", ev.frame.as_str())
-            );
-            assert_eq!(got.origin, Origin::Bus);
-            match (audience, got.audience) {
-                (Audience::All, Audience::All) => {}
-                (Audience::User(a), Audience::User(b)) => assert_eq!(a, b),
-                (Audience::Group(_), Audience::Members(set)) => assert_eq!(*set, members),
-                (a, b) => panic!("{a:?} became {b:?}"),
-            }
-        }
-        assert_eq!(
-            encode("A", &event(Audience::Group(7)), None),
-            None,
-            "unresolved groups are never published"
-        );
-    }
-
-    #[test]
-    fn foreign_messages_are_refused() {
-        for bad in [
-            &b"hello"[..],
-            b"{}",
-            br#"{"v":2,"from":"x","repo":"r","kind":"repo-update","to":{"all":true},"frame":"{}\n"}"#,
-            br#"{"v":1,"from":"x","repo":"r","kind":"nope","to":{"all":true},"frame":"{}\n"}"#,
-            br#"{"v":1,"from":"x","repo":"r","kind":"repo-update","to":{"all":true,"user":"u"},"frame":"{}\n"}"#,
-            br#"{"v":1,"from":"x","repo":"r","kind":"repo-update","to":{},"frame":"{}\n"}"#,
-            br#"{"v":1,"from":"x","repo":"","kind":"repo-update","to":{"all":true},"frame":"{}\n"}"#,
-            br#"{"v":1,"from":"x","repo":"r","kind":"repo-update","to":{"everyone":true},"frame":"{}\n"}"#,
-        ] {
-            assert!(
-                matches!(decode("me", bad), Decoded::Foreign(_)),
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
-        }
+    fn only_a_successful_publish_resets_the_backoff_and_the_warnings() {
+        let mut episode = Episode::default();
+        let (first_wait, log) = episode.io_failure();
+        assert!(log && first_wait <= BACKOFF_START);
+        // Reconnecting succeeds, PUBLISH fails again: the waits grow, logged once.
+        let waits: Vec<Duration> = (0..4)
+            .map(|_| {
+                let (wait, log) = episode.io_failure();
+                assert!(!log);
+                wait
+            })
+            .collect();
+        assert!(waits[3] >= BACKOFF_START * 8, "{waits:?}");
+        // Error replies are logged once too, and do not reset the backoff.
+        assert!(episode.refused());
+        assert!(!episode.refused());
+        assert!(episode.io_failure().0 >= BACKOFF_START * 16);
+        episode.published();
+        let (wait, log) = episode.io_failure();
+        assert!(log && wait <= BACKOFF_START);
+        assert!(episode.refused());
     }
 
     #[test]
