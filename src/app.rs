@@ -126,14 +126,23 @@ fn route(req: &Request, ctx: &Ctx, head_only: bool) -> Answer {
                     ..Answer::reply(http::ok_empty(keep))
                 },
                 Parsed::Ignored(why) => {
-                    log::warn!("ignored event from {}: {why}", req.peer);
+                    crate::logsafe::limited!(
+                        crate::logsafe::Kind::EventIgnored,
+                        "ignored event from {}: {}",
+                        req.peer,
+                        crate::logsafe::input(&why)
+                    );
                     Answer {
                         count: Some(Count::EventIgnored),
                         ..Answer::reply(http::ok_empty(keep))
                     }
                 }
                 Parsed::Invalid => {
-                    log::info!("event body from {} is not a JSON object with a string type", req.peer);
+                    crate::logsafe::limited!(
+                        crate::logsafe::Kind::EventInvalid,
+                        "event body from {} is not a JSON object with a string type",
+                        req.peer
+                    );
                     Answer {
                         count: Some(Count::EventInvalid),
                         ..Answer::reply(http::bad_event_body(keep))
@@ -155,10 +164,11 @@ fn route(req: &Request, ctx: &Ctx, head_only: bool) -> Answer {
             Err(refusal) => {
                 // Info, not debug: a proxy that drops Upgrade/Connection headers shows
                 // up here, once per client reconnect (every 60 s for desktop clients).
-                log::info!(
+                crate::logsafe::limited!(
+                    crate::logsafe::Kind::UpgradeRefused,
                     "refused websocket upgrade from {}: {} {} (a proxy must forward the Upgrade and Connection headers)",
                     req.peer,
-                    head.method,
+                    crate::logsafe::input(&head.method),
                     String::from_utf8_lossy(refusal.get(9..12).unwrap_or_default())
                 );
                 Answer::reply(refusal)
@@ -190,7 +200,10 @@ fn refuse_event(head: &Head, peer: SocketAddr, ctx: &Ctx) -> Option<Answer> {
     let keep = head.keep_alive;
     let allow = &ctx.config.events_allow;
     if !allow.is_empty() && !allow.iter().any(|n| n.contains(peer.ip())) {
-        log::warn!("refused event from {peer}: address not in events_allow");
+        crate::logsafe::limited!(
+            crate::logsafe::Kind::EventNotAllowed,
+            "refused event from {peer}: address not in events_allow"
+        );
         return Some(Answer {
             count: Some(Count::EventForbidden),
             body_unread: true,
@@ -211,7 +224,11 @@ fn refuse_event(head: &Head, peer: SocketAddr, ctx: &Ctx) -> Option<Answer> {
             ctx.unix_now,
         )
         .err()?;
-    log::warn!("refused event from {peer}: bad token ({})", e.label());
+    crate::logsafe::limited!(
+        crate::logsafe::Kind::EventTokenRefused,
+        "refused event from {peer}: bad token ({})",
+        e.label()
+    );
     Some(Answer {
         count: Some(Count::EventTokenRejected(e)),
         body_unread: true,

@@ -140,7 +140,7 @@ impl Gate {
                 log::warn!(
                     "dropped {} event for repo {}: {MAX_HELD_EVENTS} events already wait for group lookups",
                     ev.kind.name(),
-                    ev.repo_id
+                    crate::logsafe::input(&ev.repo_id)
                 );
                 return None;
             }
@@ -286,7 +286,7 @@ impl Gate {
         log::warn!(
             "dropped group-scoped {} event for repo {} (group {group}): {why}",
             ev.kind.name(),
-            ev.repo_id
+            crate::logsafe::input(&ev.repo_id)
         );
         Try::Done
     }

@@ -7,6 +7,7 @@
 //!
 //! - [`config`]: every setting, its default, seafile.conf and environment, validation;
 //! - [`logging`]: the official log line format, log file, SIGUSR1 reopen;
+//! - [`logsafe`]: input values escaped and cut in log lines, peer-caused lines rate-limited;
 //! - [`metrics`]: counters, gauges and their Prometheus rendering;
 //! - [`process_stats`]: the standard `process_*` metrics, read from /proc at scrape time;
 //! - [`sdnotify`]: systemd readiness, stopping, reloading and watchdog messages;
@@ -48,6 +49,7 @@ pub mod groups;
 pub mod http;
 pub mod lenient;
 pub mod logging;
+pub mod logsafe;
 pub mod metrics;
 pub mod process_stats;
 #[cfg(test)]

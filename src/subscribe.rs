@@ -45,11 +45,20 @@ pub fn apply(msg: ClientMsg, key: ConnKey, subs: &mut Subs, policy: &Policy, sta
                             return replies;
                         }
                         subs.subscribe(key, &repo_id, &grant.username, grant.exp);
-                        log::debug!("connection {key} subscribed to {repo_id} until {}", grant.exp);
+                        log::debug!(
+                            "connection {key} subscribed to {} until {}",
+                            crate::logsafe::input(&repo_id),
+                            grant.exp
+                        );
                     }
                     Err(e) => {
                         stats.client_token_rejected(e);
-                        log::debug!("connection {key}: token for {repo_id} refused ({})", e.label());
+                        crate::logsafe::limited!(
+                            crate::logsafe::Kind::ClientTokenRefused,
+                            "connection {key}: token for {} refused ({})",
+                            crate::logsafe::input(&repo_id),
+                            e.label()
+                        );
                         replies.push(Reply::JwtExpired(repo_id));
                     }
                 }
@@ -58,7 +67,7 @@ pub fn apply(msg: ClientMsg, key: ConnKey, subs: &mut Subs, policy: &Policy, sta
         ClientMsg::Unsubscribe(repos) => {
             for repo_id in repos {
                 if subs.unsubscribe(key, &repo_id) {
-                    log::debug!("connection {key} unsubscribed from {repo_id}");
+                    log::debug!("connection {key} unsubscribed from {}", crate::logsafe::input(&repo_id));
                 }
             }
         }

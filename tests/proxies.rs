@@ -4,8 +4,9 @@
 //! Each test turns the example file into a runnable config (the listen address becomes a
 //! free loopback port, 127.0.0.1:8083 the test server, the idle timeout a short one), starts
 //! the proxy in the foreground, and checks through it: `/notification/ping`, a websocket on
-//! `/notification` that subscribes and receives an event, `/notification/events` not
-//! reaching the ingest endpoint, and a client that stays idle for more than twice the
+//! `/notification` that subscribes and receives an event, no path under the prefix
+//! (`/notification/events`, `/notificationevents`, ...) reaching the ingest endpoint with
+//! a valid sender token, and a client that stays idle for more than twice the
 //! proxy's idle timeout and still receives an event afterwards, because the server's pings
 //! keep the connection busy. A second server with its pings turned off, behind a second
 //! copy of the proxy, shows that the timeout is really in force: that idle connection is
@@ -296,6 +297,12 @@ fn command(kind: Kind, binary: &Path, example: &str, dir: &Path, port: u16, upst
                     ),
                     ("127.0.0.1:8083", up),
                     ("read_timeout 60s", format!("read_timeout {t}s")),
+                    // "seahub": what no other handler takes gets 404 (Caddy's own answer
+                    // to an unhandled request is an empty 200).
+                    (
+                        "# ... your existing seahub and /seafhttp handlers stay here ...",
+                        "handle {\n\t\trespond 404\n\t}".to_string(),
+                    ),
                 ],
             );
             let conf = format!("{{\n\tadmin off\n\tauto_https off\n}}\n\n{site}");
@@ -470,16 +477,31 @@ fn check(kind: Kind) {
     let mut ws = Ws::connect(proxy.addr, "/notification");
     ws.subscribe("repo-proxied", "alice@example.com");
 
-    // The ingest endpoint is not reachable under /notification, even with a valid sender
-    // token, whatever the proxy does with the path: refused, and nothing delivered.
+    // The ingest endpoint is not reachable under the public prefix, even with a valid
+    // sender token, whatever the proxy does with the path: refused, and nothing delivered
+    // (the next event the subscriber gets is the one posted straight to the server). A
+    // prefix-stripping rule that matches `/notification` without the slash would turn
+    // `/notificationevents` into `/events` (the Seafile 10/11 manual's nginx snippet does).
     let forged = repo_update("repo-proxied", "via-proxy").to_string();
     let auth = format!(
         "Authorization: Token {}\r\nContent-Type: application/json\r\n",
         event_token()
     );
-    for path in ["/notification/events", "/notification/events/"] {
-        let r = http(proxy.addr, "POST", path, &auth, &forged);
-        assert_ne!(r.status, 200, "POST {path} through {} was accepted: {r:?}", context());
+    // Each also as an upgrade request, which some rules route apart (Caddy's `@ws`).
+    let upgrade = format!("{auth}Connection: Upgrade\r\nUpgrade: websocket\r\n");
+    for path in [
+        "/notification/events",
+        "/notification/events/",
+        "/notificationevents",
+        "/notificationevents/",
+        "/notificationevents?x=1",
+        "/notification%65vents",
+        "/events/../notification",
+    ] {
+        for headers in [&auth, &upgrade] {
+            let r = http(proxy.addr, "POST", path, headers, &forged);
+            assert_ne!(r.status, 200, "POST {path} through {} was accepted: {r:?}", context());
+        }
     }
 
     // An event posted straight to the server arrives, and it is the first one.

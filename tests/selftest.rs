@@ -125,9 +125,8 @@ fn url(proxy: &Proxy) -> String {
     format!("http://{}", proxy.addr)
 }
 
-/// Every example proxy config: every check passes, and the exit code is 0. `leaks` names
-/// a check that fails on this example today, asserted so (see below).
-fn example_passes(kind: Kind, leaks: Option<&str>) {
+/// Every example proxy config: every check passes, and the exit code is 0.
+fn example_passes(kind: Kind) {
     let server = server(STRONG_KEY, "");
     let proxy = Proxy::start(&Setup::Example(kind), server.addr, &[]);
     let run = self_test(server.dir.path(), &[&url(&proxy)]);
@@ -155,42 +154,40 @@ fn example_passes(kind: Kind, leaks: Option<&str>) {
         _ => names.push("clock"),
     }
     for name in names {
-        let want = if leaks == Some(name) { "FAIL" } else { "PASS" };
-        assert_eq!(run.check(name).status, want, "{name}: {}", context());
+        assert_eq!(run.check(name).status, "PASS", "{name}: {}", context());
     }
     let failed = run.checks.iter().filter(|(_, c)| c.status == "FAIL").count();
-    assert_eq!(failed, usize::from(leaks.is_some()), "{}", context());
-    assert_eq!(run.code, i32::from(leaks.is_some()), "{}", context());
+    assert_eq!(failed, 0, "{}", context());
+    assert_eq!(run.code, 0, "{}", context());
 }
 
 #[test]
 fn nginx_current_example_passes() {
-    example_passes(Kind::NginxCurrent, None);
+    example_passes(Kind::NginxCurrent);
 }
 
-/// examples/proxy/nginx-seafile11.conf is the manual's Seafile 10/11 snippet: its prefix
-/// `location /notification` with `proxy_pass http://127.0.0.1:8083/` maps the public
-/// `/notificationevents` to `/events` (issue 17 changes the example). The self-test
-/// reports exactly that, and only that; once the example is fixed this test must be
-/// changed to expect every check to pass.
+/// examples/proxy/nginx-seafile11.conf is the manual's Seafile 10/11 snippet with exact
+/// locations: the manual's prefix `location /notification` with `proxy_pass
+/// http://127.0.0.1:8083/` mapped the public `/notificationevents` to `/events` (issue 17),
+/// which the self-test reported as `public-events`.
 #[test]
-fn nginx_seafile11_example_passes_but_for_the_events_path() {
-    example_passes(Kind::NginxSeafile11, Some("public-events"));
+fn nginx_seafile11_example_passes() {
+    example_passes(Kind::NginxSeafile11);
 }
 
 #[test]
 fn apache_example_passes() {
-    example_passes(Kind::Apache, None);
+    example_passes(Kind::Apache);
 }
 
 #[test]
 fn caddy_example_passes() {
-    example_passes(Kind::Caddy, None);
+    example_passes(Kind::Caddy);
 }
 
 #[test]
 fn haproxy_example_passes() {
-    example_passes(Kind::Haproxy, None);
+    example_passes(Kind::Haproxy);
 }
 
 /// The websocket location of nginx-current.conf, with the given extra lines.

@@ -245,7 +245,7 @@ fn subscriber(
                         let n = stats.ignored.fetch_add(1, Ordering::Relaxed);
                         // The first and then every hundredth: a noisy channel must not flood the log.
                         if n.is_multiple_of(100) {
-                            log::warn!("bus: ignored a message on {channel:?}: {why}");
+                            log::warn!("bus: ignored a message on {channel:?}: {}", crate::logsafe::input(&why));
                         }
                     }
                     Decoded::Event(ev) => {

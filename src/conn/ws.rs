@@ -786,7 +786,7 @@ impl<S: Stream> WsConn<S> {
     /// The address to show in logs: the proxy's `X-Forwarded-For` if it sent one.
     pub fn client_addr(&self) -> String {
         match &self.forwarded_for {
-            Some(f) => format!("{f} (via {})", self.peer),
+            Some(f) => format!("{} (via {})", crate::logsafe::input(f), self.peer),
             None => self.peer.to_string(),
         }
     }

@@ -124,7 +124,8 @@ impl<L: Listen> Server<L> {
                 && take_slot_of.is_none()
                 && self.conns.len().saturating_sub(self.by_age.evicting) >= self.config.max_connections
             {
-                log::warn!(
+                crate::logsafe::limited!(
+                    crate::logsafe::Kind::AtMaxConnections,
                     "at max_connections ({}): not accepting until a connection closes",
                     self.config.max_connections
                 );

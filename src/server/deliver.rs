@@ -45,7 +45,8 @@ impl<L: Listen> Server<L> {
                 Reply::TooManySubscriptions => {
                     let close_by = now.mono + self.timers.close_timeout;
                     if let Some(Conn::Ws(w)) = self.conns.get_mut(key) {
-                        log::warn!(
+                        crate::logsafe::limited!(
+                            crate::logsafe::Kind::TooManySubscriptions,
                             "websocket {} subscribed to more than max_repos_per_connection ({}) libraries: closing",
                             w.client_addr(),
                             self.config.max_repos_per_connection

@@ -659,10 +659,9 @@ impl<L: Listen> Server<L> {
                 Conn::Upgrading => ("upgrading", String::new()),
             };
             self.stats.closed(reason.label());
-            if reason.is_warning() {
-                log::warn!("closed {kind} connection {key} from {who}: {reason}");
-            } else {
-                log::debug!("closed {kind} connection {key} from {who}: {reason}");
+            match crate::logsafe::Kind::closed(&reason) {
+                Some(limit) => crate::logsafe::limited!(limit, "closed {kind} connection {key} from {who}: {reason}"),
+                None => log::debug!("closed {kind} connection {key} from {who}: {reason}"),
             }
         }
     }

@@ -114,6 +114,7 @@ impl<L: Listen> Server<L> {
         if self.gate.pending() > 0 {
             self.expire_lookups(now);
         }
+        crate::logsafe::flush_suppressed();
         if self.accept_pause == Some(AcceptPause::NoDescriptors) {
             self.accept_pause = None;
             self.accept(now, Listener::Public);
@@ -191,7 +192,10 @@ impl<L: Listen> Server<L> {
             return;
         }
         for repo_id in self.subs.expire(key, now.unix) {
-            log::debug!("connection {key}: token for {repo_id} expired");
+            log::debug!(
+                "connection {key}: token for {} expired",
+                crate::logsafe::input(&repo_id)
+            );
             let Some(Conn::Ws(w)) = self.conns.get_mut(key) else {
                 return;
             };
