@@ -181,11 +181,16 @@ pub enum Kind {
     ClientTokenRefused,
     /// Accepting paused at `max_connections`.
     AtMaxConnections,
+    /// What is held for delivery reached `max_output_bytes` (a flood of bad subscribes
+    /// from clients that never read can make it flap).
+    OverBudget,
+    /// ... and drained back under it.
+    BudgetDrained,
 }
 
 impl Kind {
     /// Every kind, in the order of their buckets.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 16] = [
         Kind::ClosedBadRequest,
         Kind::ClosedRequestTimeout,
         Kind::ClosedPongTimeout,
@@ -200,12 +205,14 @@ impl Kind {
         Kind::TooManySubscriptions,
         Kind::ClientTokenRefused,
         Kind::AtMaxConnections,
+        Kind::OverBudget,
+        Kind::BudgetDrained,
     ];
 
     /// The level lines of this kind are written at.
     pub fn level(self) -> log::Level {
         match self {
-            Kind::UpgradeRefused | Kind::EventInvalid => log::Level::Info,
+            Kind::UpgradeRefused | Kind::EventInvalid | Kind::BudgetDrained => log::Level::Info,
             Kind::ClientTokenRefused => log::Level::Debug,
             _ => log::Level::Warn,
         }
@@ -228,6 +235,8 @@ impl Kind {
             Kind::TooManySubscriptions => "websockets over max_repos_per_connection",
             Kind::ClientTokenRefused => "refused client tokens",
             Kind::AtMaxConnections => "pauses at max_connections",
+            Kind::OverBudget => "times output reached max_output_bytes",
+            Kind::BudgetDrained => "times output drained under max_output_bytes",
         }
     }
 

@@ -49,6 +49,7 @@
 use super::{Conn, Listen, Now, Server};
 use crate::conn::Millis;
 use crate::gate::Go;
+use crate::logsafe::{Kind, limited};
 use std::collections::VecDeque;
 
 /// Most deliveries pending (across all connections) for `/events` to be read: 512 KiB
@@ -124,13 +125,17 @@ impl<L: Listen> Server<L> {
         if self.ingest.over_budget {
             if held <= budget / 4 * 3 {
                 self.ingest.over_budget = false;
-                log::info!("output drained to {held} bytes: taking events again");
+                limited!(
+                    Kind::BudgetDrained,
+                    "output drained to {held} bytes: taking events again"
+                );
             }
         } else if held >= budget {
             self.ingest.over_budget = true;
             self.stats.output_budget_hits += 1;
-            log::warn!(
-                "output held for delivery is {held} bytes, at max_output_bytes ({budget}): not taking events or client messages until it drains"
+            limited!(
+                Kind::OverBudget,
+                "output held for delivery is {held} bytes, at max_output_bytes ({budget}): not taking events until it drains"
             );
         }
         !self.ingest.over_budget
