@@ -87,18 +87,22 @@ impl<S> Write for Tap<S> {
 /// is empty lets the connection start a fresh one after a large message.
 #[derive(Debug, Default)]
 struct FrameScan {
-    /// The current frame's header bytes seen so far (at most 14).
-    head: [u8; 14],
+    /// The current frame's first byte (FIN and opcode).
+    b0: u8,
+    /// Header bytes seen so far, how many the header has (0 until its second byte
+    /// tells), and where its extended length ends.
     head_len: u8,
+    head_need: u8,
+    length_end: u8,
     /// In the current frame's payload (else in its header).
     in_payload: bool,
-    /// Payload bytes of the current frame not handed yet.
+    /// A data frame without FIN was handed: a fragmented message is under way.
+    in_message: bool,
+    /// The payload's length while in the header, then its bytes not handed yet.
     payload_left: u64,
     /// Frames that end a message (control frames, final data frames) handed in full
     /// (wrapping: only compared for equality).
     units: u32,
-    /// A data frame without FIN was handed: a fragmented message is under way.
-    in_message: bool,
     /// The largest frame handed since the last fresh buffer.
     largest: u32,
     /// Bytes handed since the last frame that ended a message: the unfinished message
@@ -122,53 +126,42 @@ impl FrameScan {
             }
             bytes = rest;
             self.partial = self.partial.saturating_add(1);
-            if let Some(slot) = self.head.get_mut(usize::from(self.head_len)) {
-                *slot = first;
-                self.head_len += 1;
-            }
-            if let Some((head_len, payload)) = self.header()
-                && head_len == usize::from(self.head_len)
-            {
-                let size = u32::try_from(head_len as u64 + payload).unwrap_or(u32::MAX);
-                self.largest = self.largest.max(size);
-                self.in_payload = true;
-                self.payload_left = payload;
-                if payload == 0 {
-                    self.end_frame();
-                }
-            }
+            self.header_byte(first);
         }
     }
 
-    /// The header's length and the payload's, once the bytes seen tell them.
-    fn header(&self) -> Option<(usize, u64)> {
-        let b1 = *self.head.get(1)?;
-        let seen = usize::from(self.head_len);
-        if seen < 2 {
-            return None;
+    /// One byte of a frame header (RFC 6455 5.2): the first byte, the second with the
+    /// mask bit and the 7-bit length, 2 or 8 bytes of extended length, 4 of mask.
+    fn header_byte(&mut self, byte: u8) {
+        match self.head_len {
+            0 => self.b0 = byte,
+            1 => {
+                let extended = match byte & 0x7f {
+                    126 => 2,
+                    127 => 8,
+                    _ => 0,
+                };
+                let mask = if byte & 0x80 != 0 { 4 } else { 0 };
+                self.length_end = 2 + extended;
+                self.head_need = 2 + extended + mask;
+                self.payload_left = if extended == 0 { u64::from(byte & 0x7f) } else { 0 };
+            }
+            n if n < self.length_end => self.payload_left = (self.payload_left << 8) | u64::from(byte),
+            _ => {} // the mask
         }
-        let ext = match b1 & 0x7f {
-            126 => 2,
-            127 => 8,
-            _ => 0,
-        };
-        let mask = if b1 & 0x80 != 0 { 4 } else { 0 };
-        if seen < 2 + ext {
-            return None;
+        self.head_len = self.head_len.saturating_add(1);
+        if self.head_len == self.head_need {
+            let size = u64::from(self.head_need) + self.payload_left;
+            self.largest = self.largest.max(u32::try_from(size).unwrap_or(u32::MAX));
+            self.in_payload = true;
+            if self.payload_left == 0 {
+                self.end_frame();
+            }
         }
-        let payload = match ext {
-            0 => u64::from(b1 & 0x7f),
-            _ => self
-                .head
-                .get(2..2 + ext)?
-                .iter()
-                .fold(0u64, |n, &b| (n << 8) | u64::from(b)),
-        };
-        Some((2 + ext + mask, payload))
     }
 
     fn end_frame(&mut self) {
-        let b0 = self.head.first().copied().unwrap_or_default();
+        let b0 = self.b0;
         let control = b0 & 0x08 != 0;
         let fin = b0 & 0x80 != 0;
         if control || fin {
@@ -181,6 +174,7 @@ impl FrameScan {
             self.partial = 0;
         }
         self.head_len = 0;
+        self.head_need = 0;
         self.in_payload = false;
         self.payload_left = 0;
     }
@@ -301,7 +295,7 @@ pub struct WsConn<S = crate::socket::Socket> {
     unread: bool,
     /// Which websocket this is, over the server's life (slab keys are reused): how the
     /// reactor's list of websockets by age tells a live entry from a stale one.
-    serial: u64,
+    serial: u32,
     /// What it may still take in this loop turn.
     budget: TurnBudget,
     interest: Interest,
@@ -411,11 +405,11 @@ impl<S: Stream> WsConn<S> {
     }
 
     /// Numbers it (see `serial`).
-    pub fn set_serial(&mut self, serial: u64) {
+    pub fn set_serial(&mut self, serial: u32) {
         self.serial = serial;
     }
 
-    pub fn serial(&self) -> u64 {
+    pub fn serial(&self) -> u32 {
         self.serial
     }
 

@@ -44,11 +44,12 @@ pub(super) enum AcceptPause {
 /// Websockets in the order they were upgraded, for eviction at the cap.
 #[derive(Default)]
 pub(super) struct ByAge {
-    /// (slab key, serial), oldest first; entries of closed websockets are dropped when
+    /// (slab key, serial), oldest first, 8 bytes a websocket; entries of closed websockets
+    /// are dropped when
     /// met, or all at once when they outnumber the live ones.
-    order: VecDeque<(usize, u64)>,
+    order: VecDeque<(u32, u32)>,
     /// The serial of the next websocket.
-    next_serial: u64,
+    next_serial: u32,
     /// Websockets evicted in this step, whose slots free at its teardown.
     pub(super) evicting: usize,
 }
@@ -60,15 +61,20 @@ impl<L: Listen> Server<L> {
             return;
         };
         let serial = self.by_age.next_serial;
-        self.by_age.next_serial += 1;
+        // Wrapping: a serial only tells a live entry from a stale one of the same key, and
+        // stale entries are dropped long before four billion websockets came and went.
+        self.by_age.next_serial = serial.wrapping_add(1);
         w.set_serial(serial);
-        self.by_age.order.push_back((key, serial));
+        let Ok(key32) = u32::try_from(key) else {
+            return; // never: the slab holds at most max_connections
+        };
+        self.by_age.order.push_back((key32, serial));
         // Closed websockets leave stale entries; keep them from outgrowing the live ones.
         if self.by_age.order.len() > 2 * self.conns.len() + 64 {
             let conns = &self.conns;
             self.by_age
                 .order
-                .retain(|&(k, s)| matches!(conns.get(k), Some(Conn::Ws(w)) if w.serial() == s));
+                .retain(|&(k, s)| matches!(conns.get(k as usize), Some(Conn::Ws(w)) if w.serial() == s));
         }
     }
 
@@ -77,14 +83,15 @@ impl<L: Listen> Server<L> {
     /// passed over once per round, not once per eviction); stale entries are dropped.
     fn oldest_idle_websocket(&mut self) -> Option<usize> {
         for _ in 0..self.by_age.order.len() {
-            let &(key, serial) = self.by_age.order.front()?;
+            let &(key32, serial) = self.by_age.order.front()?;
+            let key = key32 as usize;
             let live = matches!(self.conns.get(key), Some(Conn::Ws(w)) if w.serial() == serial && !w.is_closing());
             if live && self.subs.count(key) == 0 {
                 return Some(key);
             }
             self.by_age.order.pop_front();
             if live {
-                self.by_age.order.push_back((key, serial));
+                self.by_age.order.push_back((key32, serial));
             }
         }
         None
