@@ -16,8 +16,11 @@
 //!
 //! With both, what peers can make the server write is bounded whatever they send: at most
 //! [`max_lines`] lines over any period, each of bounded length. Lines of a connection's
-//! ordinary lifecycle at `debug` (accepted, upgraded, closed by its peer, subscribed) are
-//! not limited: `debug` promises every connection, and each is still a few short lines.
+//! ordinary lifecycle at `debug` (accepted, upgraded, closing, closed by its peer,
+//! subscribed, unsubscribed, token expired) are one [`Kind::Lifecycle`] with a rate of its
+//! own, far above any real server's churn ([`LIFECYCLE_BURST`] at once, then
+//! [`LIFECYCLE_PER_SECOND`] a second): `debug` shows every connection of a box being
+//! debugged, and a flood of connections still cannot fill its disk.
 //!
 //! The limiter is a small global of atomics, one token bucket per kind (the generic cell
 //! rate algorithm: one timestamp per bucket, one compare-and-swap per line), rather than a
@@ -40,6 +43,14 @@ pub const BURST: u64 = 10;
 
 /// Lines of one [`Kind`] written per second once its burst is spent.
 pub const PER_SECOND: u64 = 1;
+
+/// Lifecycle lines at `debug` written at once before their rate applies (a restart's
+/// reconnecting crowd of clients fits).
+pub const LIFECYCLE_BURST: u64 = 20_000;
+
+/// Lifecycle lines at `debug` written per second once their burst is spent: about
+/// 150 KB/s at most, a few hundred connections a second, each with its few lines.
+pub const LIFECYCLE_PER_SECOND: u64 = 1_000;
 
 /// An input value to be logged escaped and cut; see the module doc.
 pub struct Input<T>(T);
@@ -186,11 +197,13 @@ pub enum Kind {
     OverBudget,
     /// ... and drained back under it.
     BudgetDrained,
+    /// A connection's ordinary lifecycle, at `debug` (see the module doc).
+    Lifecycle,
 }
 
 impl Kind {
     /// Every kind, in the order of their buckets.
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::ClosedBadRequest,
         Kind::ClosedRequestTimeout,
         Kind::ClosedPongTimeout,
@@ -207,13 +220,14 @@ impl Kind {
         Kind::AtMaxConnections,
         Kind::OverBudget,
         Kind::BudgetDrained,
+        Kind::Lifecycle,
     ];
 
     /// The level lines of this kind are written at.
     pub fn level(self) -> log::Level {
         match self {
             Kind::UpgradeRefused | Kind::EventInvalid | Kind::BudgetDrained => log::Level::Info,
-            Kind::ClientTokenRefused => log::Level::Debug,
+            Kind::ClientTokenRefused | Kind::Lifecycle => log::Level::Debug,
             _ => log::Level::Warn,
         }
     }
@@ -237,6 +251,7 @@ impl Kind {
             Kind::AtMaxConnections => "pauses at max_connections",
             Kind::OverBudget => "times output reached max_output_bytes",
             Kind::BudgetDrained => "times output drained under max_output_bytes",
+            Kind::Lifecycle => "connection lifecycle lines",
         }
     }
 
@@ -268,12 +283,28 @@ impl Kind {
         static SPARE: Bucket = Bucket::new();
         BUCKETS.get(self as usize).unwrap_or(&SPARE)
     }
+
+    /// Lines at once, and lines a second after that.
+    fn rate(self) -> (u64, u64) {
+        match self {
+            Kind::Lifecycle => (LIFECYCLE_BURST, LIFECYCLE_PER_SECOND),
+            _ => (BURST, PER_SECOND),
+        }
+    }
 }
 
-/// The most lines all kinds together can write over `seconds` (suppression counts
-/// included: one per line allowed at most), whatever peers send.
-pub fn max_lines(seconds: u64) -> u64 {
-    Kind::ALL.len() as u64 * 2 * (BURST + PER_SECOND * seconds + 1)
+/// The most lines all kinds written at `level` or more severe can write together over
+/// `seconds` (suppression counts included: one per line allowed at most), whatever peers
+/// send.
+pub fn max_lines(seconds: u64, level: log::Level) -> u64 {
+    Kind::ALL
+        .iter()
+        .filter(|k| k.level() <= level)
+        .map(|k| {
+            let (burst, per_second) = k.rate();
+            2 * (burst + per_second * seconds + 1)
+        })
+        .sum()
 }
 
 /// Writes a line of a [`Kind`] a peer caused, at that kind's level, if within its rate:
@@ -293,7 +324,7 @@ pub(crate) use limited;
 pub fn admit(kind: Kind) -> bool {
     let now = micros();
     let bucket = kind.bucket();
-    if bucket.admit(now) {
+    if bucket.admit(now, kind.rate()) {
         report_suppressed(kind, now);
         true
     } else {
@@ -308,7 +339,10 @@ pub fn flush_suppressed() {
     let now = micros();
     for kind in Kind::ALL {
         let bucket = kind.bucket();
-        if bucket.suppressed.load(Ordering::Relaxed) > 0 && log::log_enabled!(kind.level()) && bucket.admit(now) {
+        if bucket.suppressed.load(Ordering::Relaxed) > 0
+            && log::log_enabled!(kind.level())
+            && bucket.admit(now, kind.rate())
+        {
             report_suppressed(kind, now);
         }
     }
@@ -331,8 +365,8 @@ fn micros() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
+#[cfg(test)]
 const INTERVAL_MICROS: u64 = 1_000_000 / PER_SECOND;
-const TOLERANCE_MICROS: u64 = (BURST - 1) * INTERVAL_MICROS;
 
 static BUCKETS: [Bucket; Kind::ALL.len()] = [const { Bucket::new() }; Kind::ALL.len()];
 
@@ -355,16 +389,19 @@ impl Bucket {
         }
     }
 
-    fn admit(&self, now: u64) -> bool {
+    /// Whether a line may go at `now` (microseconds) at `(burst, per_second)`.
+    fn admit(&self, now: u64, (burst, per_second): (u64, u64)) -> bool {
+        let interval = 1_000_000 / per_second.max(1);
+        let tolerance = burst.saturating_sub(1) * interval;
         let mut current = self.tat.load(Ordering::Relaxed);
         loop {
             let tat = current.max(now);
-            if tat - now > TOLERANCE_MICROS {
+            if tat - now > tolerance {
                 return false;
             }
             match self
                 .tat
-                .compare_exchange_weak(current, tat + INTERVAL_MICROS, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange_weak(current, tat + interval, Ordering::Relaxed, Ordering::Relaxed)
             {
                 Ok(_) => return true,
                 Err(seen) => current = seen,
@@ -391,6 +428,8 @@ impl Bucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const RATE: (u64, u64) = (BURST, PER_SECOND);
 
     fn shown(value: &str) -> String {
         input(value).to_string()
@@ -477,20 +516,20 @@ mod tests {
     fn a_bucket_allows_its_burst_then_its_rate() {
         let b = Bucket::new();
         let t0 = 5_000_000;
-        let allowed = (0..100).filter(|_| b.admit(t0)).count() as u64;
+        let allowed = (0..100).filter(|_| b.admit(t0, RATE)).count() as u64;
         assert_eq!(allowed, BURST);
         // Half an interval later: still nothing; a whole one: one more line.
-        assert!(!b.admit(t0 + INTERVAL_MICROS / 2));
-        assert!(b.admit(t0 + INTERVAL_MICROS));
-        assert!(!b.admit(t0 + INTERVAL_MICROS));
+        assert!(!b.admit(t0 + INTERVAL_MICROS / 2, RATE));
+        assert!(b.admit(t0 + INTERVAL_MICROS, RATE));
+        assert!(!b.admit(t0 + INTERVAL_MICROS, RATE));
         // Ten seconds of flood, a line every millisecond: PER_SECOND lines a second pass.
         let over_ten_s = (0..10_000u64)
-            .filter(|i| b.admit(t0 + INTERVAL_MICROS + i * 1_000))
+            .filter(|i| b.admit(t0 + INTERVAL_MICROS + i * 1_000, RATE))
             .count() as u64;
         assert!(over_ten_s <= 10 * PER_SECOND + 1, "{over_ten_s}");
         // After a quiet spell the whole burst is available again, not more.
         let later = t0 + 100_000_000;
-        assert_eq!((0..100).filter(|_| b.admit(later)).count() as u64, BURST);
+        assert_eq!((0..100).filter(|_| b.admit(later, RATE)).count() as u64, BURST);
     }
 
     #[test]

@@ -45,7 +45,8 @@ pub fn apply(msg: ClientMsg, key: ConnKey, subs: &mut Subs, policy: &Policy, sta
                             return replies;
                         }
                         subs.subscribe(key, &repo_id, &grant.username, grant.exp);
-                        log::debug!(
+                        crate::logsafe::limited!(
+                            crate::logsafe::Kind::Lifecycle,
                             "connection {key} subscribed to {} until {}",
                             crate::logsafe::input(&repo_id),
                             grant.exp
@@ -67,7 +68,11 @@ pub fn apply(msg: ClientMsg, key: ConnKey, subs: &mut Subs, policy: &Policy, sta
         ClientMsg::Unsubscribe(repos) => {
             for repo_id in repos {
                 if subs.unsubscribe(key, &repo_id) {
-                    log::debug!("connection {key} unsubscribed from {}", crate::logsafe::input(&repo_id));
+                    crate::logsafe::limited!(
+                        crate::logsafe::Kind::Lifecycle,
+                        "connection {key} unsubscribed from {}",
+                        crate::logsafe::input(&repo_id)
+                    );
                 }
             }
         }

@@ -6,7 +6,9 @@
 mod common;
 
 use common::*;
-use notification_server::logsafe::{BURST, MAX_LOGGED_VALUE, PER_SECOND, max_lines};
+use notification_server::logsafe::{
+    BURST, LIFECYCLE_BURST, LIFECYCLE_PER_SECOND, MAX_LOGGED_VALUE, PER_SECOND, max_lines,
+};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -95,7 +97,7 @@ fn a_flood_of_misbehaving_connections_grows_the_log_by_a_bounded_amount() {
     let grown = log_bytes(&server) - before;
     let protocol = lines.iter().filter(|l| l.contains(": protocol error:")).count() as u64;
     let bad = lines.iter().filter(|l| l.contains(": bad request:")).count() as u64;
-    let bound = max_lines(elapsed) as usize * MAX_LINE_BYTES;
+    let bound = max_lines(elapsed, log::Level::Info) as usize * MAX_LINE_BYTES;
     eprintln!(
         "{grown} log bytes in {elapsed} s (bound {bound}); {protocol} protocol-error and {bad} bad-request lines"
     );
@@ -169,4 +171,42 @@ fn an_overlong_forwarded_for_is_cut_in_every_line() {
         );
         assert!(line.contains(&marker), "{line}");
     }
+}
+
+#[test]
+fn at_debug_a_flood_of_connections_is_logged_within_the_lifecycle_rate() {
+    // Debug (the test default) writes every connection's accept and close, as the
+    // deployment guide promises, up to a rate far above a real server's churn.
+    let server = Server::start("");
+    let addr = server.addr;
+    let started = Instant::now();
+    // 15,000 connections opened and dropped: two lifecycle lines each, 30,000 in all,
+    // past the burst of 20,000.
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..3_750 {
+                    drop(std::net::TcpStream::connect(addr).unwrap());
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let summary = server.logs.wait_for("connection lifecycle lines:", DEADLINE);
+    let elapsed = started.elapsed().as_secs() + 1;
+    let lifecycle = server
+        .logs
+        .all()
+        .iter()
+        .filter(|l| l.contains("[DEBUG] connection ") || l.contains("[DEBUG] closed "))
+        .count() as u64;
+    eprintln!("{lifecycle} lifecycle lines in {elapsed} s");
+    assert!(
+        lifecycle <= LIFECYCLE_BURST + LIFECYCLE_PER_SECOND * elapsed + 1,
+        "{lifecycle} lifecycle lines in {elapsed} s"
+    );
+    assert!(summary.is_some(), "no line counts the suppressed lifecycle lines");
+    server.assert_alive();
 }

@@ -637,7 +637,8 @@ impl<S: Stream> WsConn<S> {
         match ws::parse_client(payload, self.max_repos as usize) {
             Ok(msg) => WsRead::Msg(msg),
             Err(ws::BadMessage::TooManyRepos) => {
-                log::debug!(
+                crate::logsafe::limited!(
+                    crate::logsafe::Kind::TooManySubscriptions,
                     "websocket {} listed more than max_repos_per_connection ({}) libraries: closing",
                     self.peer,
                     self.max_repos
@@ -681,7 +682,12 @@ impl<S: Stream> WsConn<S> {
         if self.close_deadline.is_some() {
             return;
         }
-        log::debug!("closing websocket {}: {why}", self.peer);
+        crate::logsafe::limited!(
+            crate::logsafe::Kind::Lifecycle,
+            "closing websocket {}: {}",
+            self.peer,
+            crate::logsafe::input(why)
+        );
         let frame = CloseFrame {
             code,
             reason: Utf8Bytes::from(truncate_reason(why)),

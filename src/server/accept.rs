@@ -164,7 +164,7 @@ impl<L: Listen> Server<L> {
                     }
                     entry.insert(Conn::Http(HttpConn::new(stream, peer, from, now, &self.config)));
                     self.stats.accepted += 1;
-                    log::debug!("connection {key} from {peer} accepted");
+                    crate::logsafe::limited!(crate::logsafe::Kind::Lifecycle, "connection {key} from {peer} accepted");
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)

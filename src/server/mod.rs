@@ -546,7 +546,11 @@ impl<L: Listen> Server<L> {
             return;
         };
         let ws = h.into_ws(now.mono, &self.config, &self.meter);
-        log::debug!("connection {key} from {} is a websocket", ws.client_addr());
+        crate::logsafe::limited!(
+            crate::logsafe::Kind::Lifecycle,
+            "connection {key} from {} is a websocket",
+            ws.client_addr()
+        );
         *slot = Conn::Ws(Box::new(ws));
         self.list_by_age(key);
         self.sync_interest(key);
@@ -661,7 +665,10 @@ impl<L: Listen> Server<L> {
             self.stats.closed(reason.label());
             match crate::logsafe::Kind::closed(&reason) {
                 Some(limit) => crate::logsafe::limited!(limit, "closed {kind} connection {key} from {who}: {reason}"),
-                None => log::debug!("closed {kind} connection {key} from {who}: {reason}"),
+                None => crate::logsafe::limited!(
+                    crate::logsafe::Kind::Lifecycle,
+                    "closed {kind} connection {key} from {who}: {reason}"
+                ),
             }
         }
     }

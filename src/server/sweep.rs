@@ -192,7 +192,8 @@ impl<L: Listen> Server<L> {
             return;
         }
         for repo_id in self.subs.expire(key, now.unix) {
-            log::debug!(
+            crate::logsafe::limited!(
+                crate::logsafe::Kind::Lifecycle,
                 "connection {key}: token for {} expired",
                 crate::logsafe::input(&repo_id)
             );
