@@ -11,6 +11,7 @@
 # subscription and an event through the published port (packaging/smoke.py); the
 # environment of the official image is read (JWT_PRIVATE_KEY, SEAFILE_MYSQL_DB_*,
 # NOTIFICATION_SERVER_LOG_LEVEL); the log is in the mounted /shared/seafile/logs;
+# `--self-test` runs inside it (no shell, no CA files) and its end-to-end checks pass;
 # `docker stop` drains and the exit code is 0; with SEAFILE_LOG_TO_STDOUT=true the log is
 # in `docker logs` and no file is written. Then the same through docker-compose with
 # examples/docker/notification-server.yml.
@@ -132,6 +133,23 @@ echo "$line" | grep -q "MySQL database ccnet_test as seafile at db.example.test:
   fail "SEAFILE_MYSQL_DB_* not read"
 echo "$line" | grep -qi "refused" || fail "db.example.test did not resolve to a refused connection (name lookup in the image?)"
 ok "SEAFILE_MYSQL_DB_* read; the host name resolved through /etc/hosts"
+
+step "--self-test inside the image (no shell, no CA files: the binary alone)"
+# Through the container's own port as the public URL: the configuration as the image
+# reads it (JWT_PRIVATE_KEY), the local server, the public path, a signed event end to end.
+selftest=$(docker exec "$NAME" /usr/bin/notification-server -c /etc/seafile-notification \
+  --self-test --json http://127.0.0.1:8083 || true)
+echo "$selftest" | python3 -c '
+import json, sys
+report = json.load(sys.stdin)
+status = {c["name"]: c["status"] for c in report["checks"]}
+for c in report["checks"]:
+    print(c["status"], c["name"] + ":", c["seen"])
+need = ["config", "local-ping", "local-events", "public-ping", "public-websocket", "public-events", "end-to-end", "stays-up"]
+bad = [n for n in need if status.get(n) != "PASS"]
+sys.exit("checks that did not pass: " + ", ".join(bad) if bad else 0)
+' || fail "--self-test in the image"
+ok "--self-test runs in the image and its local and end-to-end checks pass"
 
 step "docker stop: drain, exit 0"
 start=$(date +%s%N)

@@ -118,6 +118,13 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String
                 let repo = value("--watch")?;
                 watch = Some((repo, args.next_if(|a| !a.starts_with('-'))));
             }
+            // The URL after other options: `--self-test --json https://...`.
+            url if !url.starts_with('-') && self_test && test.url.is_none() => test.url = Some(arg.clone()),
+            url if !url.starts_with('-') && matches!(watch, Some((_, None))) => {
+                if let Some((_, slot)) = &mut watch {
+                    *slot = Some(url.to_string());
+                }
+            }
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
     }
@@ -470,6 +477,17 @@ mod tests {
             .unwrap();
         assert_eq!(a.test.url.as_deref(), Some("https://h"));
         assert!(a.test.json && a.test.long);
+        // The URL may come after the other options, as an admin types them.
+        let a = parse(&["-c", "/d", "--self-test", "--json", "https://h"])
+            .unwrap()
+            .unwrap();
+        assert!(a.self_test && a.test.json);
+        assert_eq!(a.test.url.as_deref(), Some("https://h"));
+        let a = parse(&["-c", "/d", "--watch", "r1", "--insecure", "https://h"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.watch, Some(("r1".to_string(), Some("https://h".to_string()))));
+        assert!(parse(&["-c", "/d", "--self-test", "https://h", "https://i"]).is_err());
         let a = parse(&["-c", "/d", "--self-test", "--insecure", "--ca-file=/ca.pem"])
             .unwrap()
             .unwrap();
