@@ -16,11 +16,13 @@
 
 mod http;
 mod out;
+mod tap;
 mod ws;
 
 pub use http::{HttpConn, HttpStep, HttpTally, HttpTurn, MAX_PENDING_OUTPUT};
 pub use out::{ENTRY_BYTES, Frame, Meter};
-pub use ws::{Due, ENTRIES_PER_TURN, READ_BYTES_PER_TURN, Sent, WsConn, WsRead};
+pub use tap::READ_BYTES_PER_TURN;
+pub use ws::{Due, ENTRIES_PER_TURN, Sent, WsConn, WsRead};
 
 use crate::config::Config;
 use std::io::{self, Read, Write};
