@@ -3,8 +3,8 @@
 //! either one of the example configs in examples/proxy/, made runnable (the listen
 //! address becomes a free loopback port, 127.0.0.1:8083 the test server), or an nginx
 //! `server` block written by the test. Each runs in the foreground in its own process
-//! group, stopped on drop. (The same recipe as tests/proxies.rs, which checks the
-//! examples themselves.)
+//! group, stopped on drop. tests/proxies.rs checks the examples themselves through it,
+//! with their idle timeouts cut short (`Setup::ExampleWithTimeout`).
 #![allow(dead_code)]
 
 use super::common::{DEADLINE, TempDir, free_port};
@@ -72,6 +72,9 @@ fn substitute(name: &str, text: &str, pairs: &[(&str, String)]) -> String {
 pub enum Setup<'a> {
     /// An example of examples/proxy.
     Example(Kind),
+    /// An example with its idle (read) timeout cut to this many seconds, for tests of
+    /// what that timeout does.
+    ExampleWithTimeout(Kind, u64),
     /// An nginx `server` block; `{PORT}` becomes the listen port, `{UPSTREAM}` the server's
     /// address, `{DIR}` the proxy's directory (for certificates).
     Nginx(&'a str),
@@ -192,7 +195,7 @@ fn nginx_command(server: &str, dir: &Path) -> Command {
 
 fn command(setup: &Setup, dir: &Path, port: u16, upstream: SocketAddr) -> Command {
     let up = upstream.to_string();
-    let kind = match setup {
+    let (kind, timeout) = match setup {
         Setup::Nginx(block) => {
             let server = block
                 .replace("{PORT}", &port.to_string())
@@ -200,7 +203,8 @@ fn command(setup: &Setup, dir: &Path, port: u16, upstream: SocketAddr) -> Comman
                 .replace("{DIR}", &dir.display().to_string());
             return nginx_command(&server, dir);
         }
-        Setup::Example(kind) => *kind,
+        Setup::Example(kind) => (*kind, None),
+        Setup::ExampleWithTimeout(kind, secs) => (*kind, Some(*secs)),
     };
     let name = kind.example();
     let example_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/proxy").join(name);
@@ -214,6 +218,10 @@ fn command(setup: &Setup, dir: &Path, port: u16, upstream: SocketAddr) -> Comman
                 &[
                     ("listen 80;", format!("listen 127.0.0.1:{port};")),
                     ("127.0.0.1:8083", up),
+                    (
+                        "proxy_read_timeout 60s;",
+                        format!("proxy_read_timeout {}s;", timeout.unwrap_or(60)),
+                    ),
                 ],
             );
             nginx_command(&server, dir)
@@ -251,9 +259,11 @@ fn command(setup: &Setup, dir: &Path, port: u16, upstream: SocketAddr) -> Comman
             } else {
                 ""
             };
+            // Apache's own default Timeout is 60 s, the idle timeout of a proxied websocket.
+            let t = timeout.unwrap_or(60);
             let conf = format!(
                 "ServerRoot {d}\nServerName 127.0.0.1\nListen 127.0.0.1:{port}\nPidFile {d}/apache.pid\n\
-                 DefaultRuntimeDir {d}\nMutex file:{d} default\nErrorLog {d}/error.log\nLogLevel warn\n\
+                 DefaultRuntimeDir {d}\nMutex file:{d} default\nErrorLog {d}/error.log\nLogLevel warn\nTimeout {t}\n\
                  {load}{user}\n{vhost}\n"
             );
             let path = dir.join("apache.conf");
@@ -272,6 +282,13 @@ fn command(setup: &Setup, dir: &Path, port: u16, upstream: SocketAddr) -> Comman
                         format!("http://127.0.0.1:{port} {{\n\tbind 127.0.0.1"),
                     ),
                     ("127.0.0.1:8083", up),
+                    ("read_timeout 60s", format!("read_timeout {}s", timeout.unwrap_or(60))),
+                    // "seahub": what no other handler takes gets 404 (Caddy's own answer
+                    // to an unhandled request is an empty 200).
+                    (
+                        "# ... your existing seahub and /seafhttp handlers stay here ...",
+                        "handle {\n\t\trespond 404\n\t}".to_string(),
+                    ),
                 ],
             );
             let conf = format!("{{\n\tadmin off\n\tauto_https off\n}}\n\n{site}");
@@ -294,6 +311,10 @@ fn command(setup: &Setup, dir: &Path, port: u16, upstream: SocketAddr) -> Comman
                 &[
                     ("bind :80", format!("bind 127.0.0.1:{port}")),
                     ("127.0.0.1:8083", up),
+                    (
+                        "timeout tunnel  1h",
+                        timeout.map_or("timeout tunnel  1h".to_string(), |t| format!("timeout tunnel  {t}s")),
+                    ),
                     // "seahub" answers 404 at once, from HAProxy itself.
                     (
                         "server seahub 127.0.0.1:8000",
