@@ -2,111 +2,16 @@
 //! package; `.ci/deps` installs it) that the tests start on a free loopback port.
 
 mod common;
+#[path = "common/redis.rs"]
+mod redis_server;
 
 use common::*;
+use redis_server::Redis;
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-struct Redis {
-    port: u16,
-    dir: TempDir,
-    child: Option<Child>,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut r = Redis {
-            port,
-            dir: TempDir::new(),
-            child: None,
-        };
-        r.run();
-        r
-    }
-
-    fn run(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--dir", &self.dir.path().display().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server not found: install redis-server (run .ci/deps)");
-        self.child = Some(child);
-        let deadline = Instant::now() + DEADLINE;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Runs a command as the default user and returns its reply.
-    fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut c = client.get_connection().unwrap();
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut c).unwrap()
-    }
-
-    /// A number from `INFO stats`.
-    fn stat(&self, name: &str) -> u64 {
-        let info: String = self.query(&["INFO", "stats"]);
-        info.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}:")))
-            .unwrap_or_else(|| panic!("no {name} in INFO stats"))
-            .trim()
-            .parse()
-            .unwrap()
-    }
-
-    fn publish_raw(&self, payload: &str) {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut c = client.get_connection().unwrap();
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg("seafile-notification")
-            .arg(payload)
-            .query(&mut c)
-            .unwrap();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// Starts `n` instances on one Redis, each with `extra` config, and waits until each is
 /// subscribed to the channel.

@@ -11,8 +11,11 @@
 //!   server is stopped (the test's copy of the rules has that alert's `for:` at 0s).
 
 mod common;
+#[path = "common/redis.rs"]
+mod redis_server;
 
 use common::*;
+use redis_server::Redis;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -57,40 +60,6 @@ fn require(tool: &str) {
         found,
         "{tool} not found: install Debian's prometheus package (run .ci/deps)"
     );
-}
-
-/// A redis-server on a free loopback port, stopped on drop.
-struct Redis {
-    port: u16,
-    child: Child,
-    _dir: TempDir,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = free_port();
-        let dir = TempDir::new();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "no", "--dir", &dir.path().display().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server not found: install redis-server (run .ci/deps)");
-        let deadline = Instant::now() + DEADLINE;
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis { port, child, _dir: dir }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// One HTTP/1.0 GET (the answer ends with the connection): (status, body).

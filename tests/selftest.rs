@@ -5,9 +5,12 @@
 mod common;
 #[path = "common/proxy.rs"]
 mod proxy;
+#[path = "common/redis.rs"]
+mod redis_server;
 
 use common::*;
 use proxy::{Kind, Proxy, Setup};
+use redis_server::Redis;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
@@ -628,48 +631,6 @@ fn https_with_a_private_ca_needs_ca_file_or_insecure() {
 }
 
 // ---- backends ----
-
-struct Redis {
-    port: u16,
-    child: std::process::Child,
-    _dir: TempDir,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = free_port();
-        let dir = TempDir::new();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--dir", &dir.path().display().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server not found: install redis-server (run .ci/deps)");
-        let deadline = Instant::now() + DEADLINE;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis { port, child, _dir: dir }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn redis_bus_and_sqlite_groups_pass_and_fail_when_gone() {
