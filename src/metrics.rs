@@ -178,6 +178,8 @@ pub struct Gauges {
     pub pending_deliveries: u64,
     /// Output is over `max_output_bytes`: no new events are taken.
     pub output_over_budget: bool,
+    /// Seconds spent over `max_output_bytes` since start, the current episode included.
+    pub output_over_budget_seconds: f64,
     /// HTTP connections waiting for the server to take events again.
     pub ingest_waiting: u64,
     pub accept_paused: bool,
@@ -362,6 +364,12 @@ pub fn render(s: &Stats, g: &Gauges) -> String {
         "gauge",
         "1 while unsent output is over max_output_bytes and no new events are taken.",
         &one(g.output_over_budget as u64),
+    );
+    metric(
+        "notification_output_over_budget_seconds_total",
+        "counter",
+        "Seconds spent over max_output_bytes (holding /events back), the current episode included.",
+        &[(String::new(), format!("{:.3}", g.output_over_budget_seconds))],
     );
     metric(
         "notification_output_budget_hits_total",

@@ -170,6 +170,10 @@ fn the_output_budget_pauses_ingest_until_output_drains() {
         metric_value(m, "notification_output_over_budget") == 0.0
     });
     assert_eq!(metric_value(&m, "notification_output_budget_hits_total"), 1.0);
+    assert!(
+        metric_value(&m, "notification_output_over_budget_seconds_total") > 0.0,
+        "the episode's length is counted"
+    );
     // Every answered event reached both subscribers, in order.
     sender.send(&json!({"type": "repo-update", "content": {"repo_id": "r", "commit_id": "last"}}).to_string());
     assert_eq!(sender.answer(DEADLINE), Some(200));

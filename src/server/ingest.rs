@@ -67,6 +67,10 @@ pub(super) const REPLY_RESERVE: usize = 8;
 pub(super) struct Ingest {
     /// Over the budget; stays set until output drains to the low-water mark.
     over_budget: bool,
+    /// When the current episode over the budget began.
+    over_budget_since: Option<std::time::Instant>,
+    /// Time spent over the budget in episodes that ended.
+    over_budget_past: std::time::Duration,
     /// HTTP connections holding an `/events` request until ingest opens, oldest first.
     deferred: VecDeque<usize>,
     /// The bus inbox may hold events not taken yet.
@@ -81,6 +85,13 @@ impl Ingest {
     /// Whether output is over the budget (a metrics gauge).
     pub(super) fn over_budget(&self) -> bool {
         self.over_budget
+    }
+
+    /// Seconds spent over the budget so far, the current episode included (a counter:
+    /// how long the episodes lasted, which a gauge sampled at each scrape misses).
+    pub(super) fn over_budget_seconds(&self) -> f64 {
+        let current = self.over_budget_since.map(|t| t.elapsed()).unwrap_or_default();
+        (self.over_budget_past + current).as_secs_f64()
     }
 
     /// Queues events the gate let go, for [`Server::fan_out_released`].
@@ -125,6 +136,9 @@ impl<L: Listen> Server<L> {
         if self.ingest.over_budget {
             if held <= budget / 4 * 3 {
                 self.ingest.over_budget = false;
+                if let Some(since) = self.ingest.over_budget_since.take() {
+                    self.ingest.over_budget_past += since.elapsed();
+                }
                 limited!(
                     Kind::BudgetDrained,
                     "output drained to {held} bytes: taking events again"
@@ -132,6 +146,7 @@ impl<L: Listen> Server<L> {
             }
         } else if held >= budget {
             self.ingest.over_budget = true;
+            self.ingest.over_budget_since = Some(std::time::Instant::now());
             self.stats.output_budget_hits += 1;
             limited!(
                 Kind::OverBudget,

@@ -518,6 +518,7 @@ impl<L: Listen> Server<L> {
             output_bytes: self.held_for_delivery() as u64,
             pending_deliveries: self.meter.entries() as u64,
             output_over_budget: self.ingest.over_budget(),
+            output_over_budget_seconds: self.ingest.over_budget_seconds(),
             ingest_waiting: self.deferred() as u64,
             accept_paused: self.accept_pause.is_some(),
             draining: self.control.draining(),
