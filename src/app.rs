@@ -52,6 +52,14 @@ pub enum Then {
     },
 }
 
+/// What a websocket keeps of its `X-Forwarded-For`, which only its log lines show: the
+/// value as they show it, escaped and cut (`logsafe::input`: at most
+/// `logsafe::MAX_LOGGED_VALUE` bytes and a marker), not the up to 8 KB a client may send
+/// with every one of thousands of websockets.
+fn kept_for_logs(forwarded_for: &str) -> Box<str> {
+    crate::logsafe::input(forwarded_for).to_string().into_boxed_str()
+}
+
 /// Something an answer counts, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Count {
@@ -157,7 +165,7 @@ fn route(req: &Request, ctx: &Ctx, head_only: bool) -> Answer {
             },
             Ok(accept) => Answer {
                 then: Then::Upgrade {
-                    forwarded_for: head.x_forwarded_for.as_deref().map(Box::from),
+                    forwarded_for: head.x_forwarded_for.as_deref().map(kept_for_logs),
                 },
                 ..Answer::reply(ws::switching_protocols(&accept))
             },
@@ -330,5 +338,15 @@ mod tests {
         assert!(m.bytes.ends_with(b"m 1\n"));
         let p = ask(b"GET /ping HTTP/1.1\r\n\r\n", Listener::Metrics, false);
         assert!(p.bytes.starts_with(b"HTTP/1.1 404 "));
+    }
+
+    #[test]
+    fn a_websocket_keeps_only_what_its_log_lines_show_of_x_forwarded_for() {
+        assert_eq!(&*kept_for_logs("10.0.0.1"), "10.0.0.1");
+        let long = "10.0.0.1, ".repeat(800);
+        let kept = kept_for_logs(&long);
+        assert!(kept.len() < crate::logsafe::MAX_LOGGED_VALUE + 32, "{kept}");
+        assert!(kept.ends_with(&format!("[... {} more bytes]", 8000 - crate::logsafe::MAX_LOGGED_VALUE)));
+        assert_eq!(&*kept_for_logs("a\nb"), "a\\nb", "escaped once, here");
     }
 }

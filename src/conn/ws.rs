@@ -105,6 +105,7 @@ pub struct WsConn<S = crate::socket::Socket> {
     /// `max_repos_per_connection`: a message listing more is refused whole.
     max_repos: u32,
     peer: SocketAddr,
+    /// The proxy's `X-Forwarded-For`, escaped and cut for the log.
     forwarded_for: Option<Box<str>>,
     /// Last time any frame (or any byte) came in.
     last_heard: Millis,
@@ -600,7 +601,8 @@ impl<S: Stream> WsConn<S> {
     /// The address to show in logs: the proxy's `X-Forwarded-For` if it sent one.
     pub fn client_addr(&self) -> String {
         match &self.forwarded_for {
-            Some(f) => format!("{} (via {})", crate::logsafe::input(f), self.peer),
+            // Kept escaped and cut, as logs show it (`app::kept_for_logs`).
+            Some(f) => format!("{f} (via {})", self.peer),
             None => self.peer.to_string(),
         }
     }
