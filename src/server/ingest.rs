@@ -65,9 +65,8 @@ pub(super) const REPLY_RESERVE: usize = 8;
 /// What holds new events back, and who waits.
 #[derive(Default)]
 pub(super) struct Ingest {
-    /// Over the budget; stays set until output drains to the low-water mark.
-    over_budget: bool,
-    /// When the current episode over the budget began.
+    /// Since when output has been over the budget; set until it drains to the low-water
+    /// mark.
     over_budget_since: Option<std::time::Instant>,
     /// Time spent over the budget in episodes that ended.
     over_budget_past: std::time::Duration,
@@ -84,7 +83,7 @@ pub(super) struct Ingest {
 impl Ingest {
     /// Whether output is over the budget (a metrics gauge).
     pub(super) fn over_budget(&self) -> bool {
-        self.over_budget
+        self.over_budget_since.is_some()
     }
 
     /// Seconds spent over the budget so far, the current episode included (a counter:
@@ -125,7 +124,13 @@ impl<L: Listen> Server<L> {
 
     /// Whether new events may be taken now; notices crossing the budget either way.
     pub(super) fn ingest_open(&mut self) -> bool {
-        self.budget_open() && self.meter.writable_entries() < PACE_ENTRIES
+        self.budget_open() && self.paced()
+    }
+
+    /// Pacing: fewer than [`PACE_ENTRIES`] deliveries the server can write now are
+    /// pending.
+    fn paced(&self) -> bool {
+        self.meter.writable_entries() < PACE_ENTRIES
     }
 
     /// Whether what the server holds for delivery is under the budget, with hysteresis;
@@ -133,19 +138,16 @@ impl<L: Listen> Server<L> {
     fn budget_open(&mut self) -> bool {
         let held = self.held_for_delivery();
         let budget = self.config.max_output_bytes;
-        if self.ingest.over_budget {
+        if let Some(since) = self.ingest.over_budget_since {
             if held <= budget / 4 * 3 {
-                self.ingest.over_budget = false;
-                if let Some(since) = self.ingest.over_budget_since.take() {
-                    self.ingest.over_budget_past += since.elapsed();
-                }
+                self.ingest.over_budget_since = None;
+                self.ingest.over_budget_past += since.elapsed();
                 limited!(
                     Kind::BudgetDrained,
                     "output drained to {held} bytes: taking events again"
                 );
             }
         } else if held >= budget {
-            self.ingest.over_budget = true;
             self.ingest.over_budget_since = Some(std::time::Instant::now());
             self.stats.output_budget_hits += 1;
             limited!(
@@ -153,7 +155,7 @@ impl<L: Listen> Server<L> {
                 "output held for delivery is {held} bytes, at max_output_bytes ({budget}): not taking events until it drains"
             );
         }
-        !self.ingest.over_budget
+        !self.ingest.over_budget()
     }
 
     /// Fans out released events, oldest first, while ingest stays open.
@@ -231,8 +233,6 @@ impl<L: Listen> Server<L> {
     /// Whether events wait for ingest without a readiness event to bring them: released
     /// events or a bus inbox, while ingest is open (the loop then polls without sleeping).
     pub(super) fn events_waiting(&self) -> bool {
-        (!self.ingest.released.is_empty() || self.ingest.bus_waiting)
-            && !self.ingest.over_budget
-            && self.meter.writable_entries() < PACE_ENTRIES
+        (!self.ingest.released.is_empty() || self.ingest.bus_waiting) && !self.ingest.over_budget() && self.paced()
     }
 }
