@@ -45,8 +45,7 @@ pub(super) enum AcceptPause {
 #[derive(Default)]
 pub(super) struct ByAge {
     /// (slab key, serial), oldest first, 8 bytes a websocket; entries of closed websockets
-    /// are dropped when
-    /// met, or all at once when they outnumber the live ones.
+    /// are dropped when met, or all at once when they outnumber the live ones.
     order: VecDeque<(u32, u32)>,
     /// The serial of the next websocket.
     next_serial: u32,
@@ -121,16 +120,10 @@ impl<L: Listen> Server<L> {
             // protects the public side, so a full server can still be observed.
             // At the cap, a new connection may take an idle websocket's slot; it is only
             // evicted once a connection was really waiting (accepted below).
-            let mut take_slot_of = None;
-            if from == Listener::Public
-                && self.conns.len().saturating_sub(self.by_age.evicting) >= self.config.max_connections
-            {
-                take_slot_of = self.oldest_idle_websocket();
-            }
-            if from == Listener::Public
-                && take_slot_of.is_none()
-                && self.conns.len().saturating_sub(self.by_age.evicting) >= self.config.max_connections
-            {
+            let at_cap = from == Listener::Public
+                && self.conns.len().saturating_sub(self.by_age.evicting) >= self.config.max_connections;
+            let take_slot_of = if at_cap { self.oldest_idle_websocket() } else { None };
+            if at_cap && take_slot_of.is_none() {
                 crate::logsafe::limited!(
                     crate::logsafe::Kind::AtMaxConnections,
                     "at max_connections ({}): not accepting until a connection closes",
