@@ -567,31 +567,28 @@ impl<L: Listen> Server<L> {
     /// all (see `ingest.rs`): its replies would add to what is already too much.
     fn read_ws(&mut self, key: usize, now: Now) {
         let close_by = now.mono + self.timers.close_timeout;
-        let reading = self.reading_open();
+        if !self.reading_open() || !self.turn_share_left(0) {
+            self.list_unread(key);
+            return;
+        }
         let (turn, frames) = (self.turn, self.config.max_messages_per_wakeup);
-        let turn_spent = self.turn_entries == 0 || self.turn_parsed_bytes == 0;
         let Some(Conn::Ws(w)) = self.conns.get_mut(key) else {
             return;
         };
-        if !reading || turn_spent {
-            if w.mark_unread() {
-                self.unread.push(key);
-            }
-            return;
-        }
         w.begin_turn(turn, frames);
         let parsed_before = w.parsed_this_turn();
         loop {
+            let Some(Conn::Ws(w)) = self.conns.get(key) else {
+                return;
+            };
+            if !self.turn_share_left(w.parsed_this_turn() - parsed_before) {
+                // The turn's share for every websocket is spent: the rest waits.
+                self.list_unread(key);
+                break;
+            }
             let Some(Conn::Ws(w)) = self.conns.get_mut(key) else {
                 return;
             };
-            if self.turn_entries == 0 || w.parsed_this_turn() - parsed_before >= self.turn_parsed_bytes {
-                // The turn's share for every websocket is spent: the rest waits.
-                if w.mark_unread() {
-                    self.unread.push(key);
-                }
-                break;
-            }
             match w.read_one(now.mono, close_by) {
                 WsRead::Msg(msg) => {
                     w.spend_entries(msg.entries());
@@ -609,15 +606,29 @@ impl<L: Listen> Server<L> {
             }
         }
         self.queue_flush(key, now.mono);
-        if let Some(Conn::Ws(w)) = self.conns.get_mut(key) {
-            let parsed = w.parsed_this_turn() - parsed_before;
-            self.turn_parsed_bytes = self.turn_parsed_bytes.saturating_sub(parsed);
+        let Some(Conn::Ws(w)) = self.conns.get(key) else {
+            return;
+        };
+        let (parsed, throttled) = (w.parsed_this_turn() - parsed_before, w.throttled());
+        self.turn_parsed_bytes = self.turn_parsed_bytes.saturating_sub(parsed);
+        if throttled {
+            // Budget spent with input possibly left: come back next turn without an edge.
+            self.list_unread(key);
         }
+    }
+
+    /// Whether this turn's share of client work over every websocket
+    /// ([`TURN_ENTRIES`], [`TURN_PARSED_BYTES`]) is not spent, with `parsed` bytes of it
+    /// already taken by the websocket being read.
+    fn turn_share_left(&self, parsed: usize) -> bool {
+        self.turn_entries > 0 && parsed < self.turn_parsed_bytes
+    }
+
+    /// Lists websocket `key` to be read again next turn without an edge, once.
+    fn list_unread(&mut self, key: usize) {
         if let Some(Conn::Ws(w)) = self.conns.get_mut(key)
-            && w.throttled()
             && w.mark_unread()
         {
-            // Budget spent with input possibly left: come back next turn without an edge.
             self.unread.push(key);
         }
     }
