@@ -30,6 +30,12 @@ use std::io::{self, Read, Write};
 /// Milliseconds on the server's monotonic clock (since start-up).
 pub type Millis = u64;
 
+/// A count or size as 32 bits, saturating: the per-connection bookkeeping (turn budgets,
+/// the frame scan) keeps 32-bit counts, since every connection carries it.
+pub(crate) fn u32_sat(n: impl TryInto<u32>) -> u32 {
+    n.try_into().unwrap_or(u32::MAX)
+}
+
 /// A duration in whole milliseconds (at least 1).
 pub fn ms(d: std::time::Duration) -> Millis {
     (d.as_millis() as Millis).max(1)

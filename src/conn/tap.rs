@@ -68,7 +68,7 @@ impl<S: Read> Read for Tap<S> {
         }
         let room = buf.len().min(self.allowance as usize);
         let n = self.stream.read(buf.get_mut(..room).unwrap_or_default())?;
-        self.allowance = self.allowance.saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
+        self.allowance = self.allowance.saturating_sub(super::u32_sat(n));
         let before = self.scan.partial;
         self.scan.feed(buf.get(..n).unwrap_or_default());
         let meter = self.out.meter();
@@ -165,7 +165,7 @@ impl FrameScan {
         self.head_len = self.head_len.saturating_add(1);
         if self.head_len == self.head_need {
             let size = u64::from(self.head_need) + self.payload_left;
-            self.largest = self.largest.max(u32::try_from(size).unwrap_or(u32::MAX));
+            self.largest = self.largest.max(super::u32_sat(size));
             self.in_payload = true;
             if self.payload_left == 0 {
                 self.end_frame();

@@ -11,7 +11,7 @@
 
 use super::out::{Frame, Meter, OutQueue};
 use super::tap::{KEEP_READ_BUFFER, READ_BYTES_PER_TURN, Tap};
-use super::{CloseReason, Interest, Millis, Stream, Timers};
+use super::{CloseReason, Interest, Millis, Stream, Timers, u32_sat};
 use crate::config::Config;
 use crate::ws::{self, ClientMsg};
 use std::io;
@@ -44,9 +44,26 @@ struct TurnBudget {
     parsed: u32,
 }
 
+impl TurnBudget {
+    /// A whole turn's budget: `frames`, [`ENTRIES_PER_TURN`], nothing parsed yet.
+    fn fresh(turn: u32, frames: usize) -> TurnBudget {
+        TurnBudget {
+            turn,
+            frames: u32_sat(frames),
+            entries: ENTRIES_PER_TURN,
+            parsed: 0,
+        }
+    }
+
+    /// No frame or entry left for this turn.
+    fn spent(&self) -> bool {
+        self.frames == 0 || self.entries == 0
+    }
+}
+
 /// The input budget of [`Tap`]: a quarter of `max_output_bytes`.
 fn input_budget(config: &Config) -> u32 {
-    u32::try_from(config.max_output_bytes / 4).unwrap_or(u32::MAX)
+    u32_sat(config.max_output_bytes / 4)
 }
 
 /// What one websocket read produced.
@@ -148,7 +165,7 @@ impl<S: Stream> WsConn<S> {
             ws,
             units_read: 0,
             max_unsent: config.max_unsent_bytes,
-            max_repos: u32::try_from(config.max_repos_per_connection).unwrap_or(u32::MAX),
+            max_repos: u32_sat(config.max_repos_per_connection),
             peer,
             forwarded_for,
             last_heard: now,
@@ -159,12 +176,7 @@ impl<S: Stream> WsConn<S> {
             unread: false,
             serial: 0,
             // Turn 0 is before the reactor's first; it starts a fresh budget each turn.
-            budget: TurnBudget {
-                turn: 0,
-                frames: u32::try_from(config.max_messages_per_wakeup).unwrap_or(u32::MAX),
-                entries: ENTRIES_PER_TURN,
-                parsed: 0,
-            },
+            budget: TurnBudget::fresh(0, config.max_messages_per_wakeup),
             interest,
         }
     }
@@ -191,7 +203,7 @@ impl<S: Stream> WsConn<S> {
         let ws_config = ws::socket_config(config);
         self.ws.set_config(|c| *c = ws_config);
         self.max_unsent = config.max_unsent_bytes;
-        self.max_repos = u32::try_from(config.max_repos_per_connection).unwrap_or(u32::MAX);
+        self.max_repos = u32_sat(config.max_repos_per_connection);
         self.tap.input_budget = input_budget(config);
     }
 
@@ -241,12 +253,7 @@ impl<S: Stream> WsConn<S> {
         if self.budget.turn == turn {
             return;
         }
-        self.budget = TurnBudget {
-            turn,
-            frames: u32::try_from(frames).unwrap_or(u32::MAX),
-            entries: ENTRIES_PER_TURN,
-            parsed: 0,
-        };
+        self.budget = TurnBudget::fresh(turn, frames);
         let tap = &mut self.tap;
         tap.allowance = READ_BYTES_PER_TURN;
         tap.throttled = false;
@@ -260,7 +267,7 @@ impl<S: Stream> WsConn<S> {
     /// Whether this turn's budget is spent while input may be left: the reactor must
     /// come back to it next turn, since no edge will.
     pub fn throttled(&self) -> bool {
-        self.budget.frames == 0 || self.budget.entries == 0 || self.tap.throttled
+        self.budget.spent() || self.tap.throttled
     }
 
     /// Whether output is stuck in the socket (WRITABLE is registered while it is).
@@ -331,7 +338,7 @@ impl<S: Stream> WsConn<S> {
     /// within this turn's budget (see [`Self::begin_turn`]). `close_by` is the deadline
     /// for the peer's answer should we start a close here.
     pub fn read_one(&mut self, now: Millis, close_by: Millis) -> WsRead {
-        if self.budget.frames == 0 || self.budget.entries == 0 {
+        if self.budget.spent() {
             return WsRead::Drained;
         }
         loop {
@@ -395,7 +402,7 @@ impl<S: Stream> WsConn<S> {
     /// not its socket is full yet.
     fn queue_owed(&mut self) -> WsRead {
         let _ = self.ws.flush(&mut self.tap);
-        if self.unsent() > self.max_unsent {
+        if self.past_cap(0) {
             // Pings answered faster than the client reads the pongs.
             return WsRead::Close(CloseReason::SlowConsumerBytes);
         }
@@ -404,8 +411,7 @@ impl<S: Stream> WsConn<S> {
 
     /// Spends `n` entries of this turn's budget (a subscribe or unsubscribe list).
     pub fn spend_entries(&mut self, n: usize) {
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
-        self.budget.entries = self.budget.entries.saturating_sub(n);
+        self.budget.entries = self.budget.entries.saturating_sub(u32_sat(n));
     }
 
     /// The connection ended in a close handshake: ours if we started it, else the peer's.
@@ -418,10 +424,7 @@ impl<S: Stream> WsConn<S> {
     }
 
     fn client_message(&mut self, payload: &[u8], close_by: Millis) -> WsRead {
-        self.budget.parsed = self
-            .budget
-            .parsed
-            .saturating_add(u32::try_from(payload.len()).unwrap_or(u32::MAX));
+        self.budget.parsed = self.budget.parsed.saturating_add(u32_sat(payload.len()));
         let read = self.parse_message(payload, close_by);
         self.give_back_read_buffer();
         read
@@ -538,7 +541,7 @@ impl<S: Stream> WsConn<S> {
     /// `max_unsent_bytes` when it is queued, not only once the socket is full: a client
     /// that sends subscribes and never reads is a slow consumer of its own replies.
     pub fn send_text(&mut self, payload: &str, now: Millis) -> Sent {
-        if self.close_deadline.is_none() && self.unsent() + payload.len() > self.max_unsent {
+        if self.close_deadline.is_none() && self.past_cap(payload.len()) {
             return Sent::Evict(CloseReason::SlowConsumerBytes);
         }
         let frame = Frame::text(payload.as_bytes(), self.tap.out.meter());
@@ -547,7 +550,12 @@ impl<S: Stream> WsConn<S> {
 
     /// Whether `more` bytes would take a client that is not reading past its cap.
     fn over_cap(&self, more: usize) -> bool {
-        self.unsent_since.is_some() && self.unsent() + more > self.max_unsent
+        self.unsent_since.is_some() && self.past_cap(more)
+    }
+
+    /// Whether `more` bytes would take what is queued past `max_unsent_bytes`.
+    fn past_cap(&self, more: usize) -> bool {
+        self.unsent() + more > self.max_unsent
     }
 
     /// Queues a keep-alive ping (empty payload, as the official server sends).
