@@ -83,11 +83,31 @@ pub struct Gate {
     failed: HashSet<i64>,
     /// Per library, the events held in arrival order behind a group event.
     held: HashMap<Box<str>, VecDeque<Event>>,
-    held_count: usize,
-    /// The memory the held events take ([`Event::held_bytes`]), counted in the output
-    /// budget: held events are output not yet queued.
-    held_bytes: usize,
+    /// How many events are held (bounded by [`MAX_HELD_EVENTS`]) and the memory they
+    /// take ([`Event::held_bytes`], counted in the output budget: held events are output
+    /// not yet queued).
+    tally: HeldTally,
     pub counts: GroupCounts,
+}
+
+/// The held events' number and memory, kept apart from the queues that hold them so
+/// both can change in one borrow.
+#[derive(Debug, Default)]
+struct HeldTally {
+    count: usize,
+    bytes: usize,
+}
+
+impl HeldTally {
+    fn hold(&mut self, ev: &Event) {
+        self.count += 1;
+        self.bytes += ev.held_bytes();
+    }
+
+    fn release(&mut self, ev: &Event) {
+        self.count -= 1;
+        self.bytes -= ev.held_bytes();
+    }
 }
 
 impl Gate {
@@ -100,8 +120,7 @@ impl Gate {
             pending: HashMap::new(),
             failed: HashSet::new(),
             held: HashMap::new(),
-            held_count: 0,
-            held_bytes: 0,
+            tally: HeldTally::default(),
             counts: GroupCounts::default(),
         };
         gate.configure(config);
@@ -118,12 +137,12 @@ impl Gate {
 
     /// Events held right now.
     pub fn held(&self) -> usize {
-        self.held_count
+        self.tally.count
     }
 
     /// The memory the held events take.
     pub fn held_bytes(&self) -> usize {
-        self.held_bytes
+        self.tally.bytes
     }
 
     /// Lookups not answered yet.
@@ -135,7 +154,7 @@ impl Gate {
     /// own group lookup, or is dropped.
     pub fn offer(&mut self, ev: Event, now: Millis, resolver: &mut impl Resolver) -> Option<Go> {
         if let Some(queue) = self.held.get_mut(ev.repo_id.as_str()) {
-            if self.held_count >= MAX_HELD_EVENTS {
+            if self.tally.count >= MAX_HELD_EVENTS {
                 self.counts.held_events_dropped += 1;
                 log::warn!(
                     "dropped {} event for repo {}: {MAX_HELD_EVENTS} events already wait for group lookups",
@@ -144,8 +163,7 @@ impl Gate {
                 );
                 return None;
             }
-            self.held_count += 1;
-            self.held_bytes += ev.held_bytes();
+            self.tally.hold(&ev);
             queue.push_back(ev);
             return None;
         }
@@ -154,8 +172,7 @@ impl Gate {
             Try::Done => None,
             Try::Wait(ev) => {
                 let key = Box::from(ev.repo_id.as_str());
-                self.held_count += 1;
-                self.held_bytes += ev.held_bytes();
+                self.tally.hold(&ev);
                 self.held.insert(key, VecDeque::from([ev]));
                 None
             }
@@ -221,15 +238,13 @@ impl Gate {
         let repos: Vec<Box<str>> = self.held.keys().cloned().collect();
         for repo in repos {
             while let Some(ev) = self.held.get_mut(&repo).and_then(VecDeque::pop_front) {
-                self.held_count -= 1;
-                self.held_bytes -= ev.held_bytes();
+                self.tally.release(&ev);
                 match self.try_deliver(ev, now, resolver) {
                     Try::Go(go) => out.push(go),
                     Try::Done => {}
                     Try::Wait(ev) => {
                         if let Some(queue) = self.held.get_mut(&repo) {
-                            self.held_count += 1;
-                            self.held_bytes += ev.held_bytes();
+                            self.tally.hold(&ev);
                             queue.push_front(ev);
                         }
                         break;
