@@ -85,6 +85,15 @@ struct Outbox {
     ready: Condvar,
 }
 
+impl Outbox {
+    fn new() -> Arc<Outbox> {
+        Arc::new(Outbox {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+        })
+    }
+}
+
 /// The loop's end of the bus.
 pub struct Bus {
     pub instance: String,
@@ -114,10 +123,7 @@ impl Bus {
         let client = redis::Client::open(url).map_err(|e| format!("redis_url: {e}"))?;
         let instance = instance_id();
         let stats = Arc::new(BusStats::default());
-        let outbox = Arc::new(Outbox {
-            queue: Mutex::new(VecDeque::new()),
-            ready: Condvar::new(),
-        });
+        let outbox = Outbox::new();
         let (inbox_tx, inbox) = mpsc::sync_channel(INBOX_CAPACITY);
         {
             let (client, channel, instance, stats) =
@@ -162,10 +168,7 @@ impl Bus {
         let (inbox_tx, inbox) = mpsc::sync_channel(INBOX_CAPACITY);
         let bus = Bus {
             instance: "test-instance".into(),
-            outbox: Arc::new(Outbox {
-                queue: Mutex::new(VecDeque::new()),
-                ready: Condvar::new(),
-            }),
+            outbox: Outbox::new(),
             inbox,
             stats: Arc::new(BusStats::default()),
         };
