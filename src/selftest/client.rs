@@ -84,17 +84,7 @@ impl Url {
     /// `https://host[:port]/prefix`, as the admin would type it.
     pub fn base(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
-        let default = if self.tls { 443 } else { 80 };
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == default {
-            format!("{scheme}://{host}{}", self.prefix)
-        } else {
-            format!("{scheme}://{host}:{}{}", self.port, self.prefix)
-        }
+        format!("{scheme}://{}{}", self.host_header(), self.prefix)
     }
 
     /// The `Host` header value.
