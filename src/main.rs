@@ -224,12 +224,7 @@ fn raise_nofile_limit() -> std::io::Result<Option<(u64, u64)>> {
 
 /// The soft open-file limit in effect: what the connection cap is derived from.
 fn nofile_limit() -> Option<u64> {
-    let mut lim = libc::rlimit64 {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit on a local struct.
-    (unsafe { libc::getrlimit64(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
+    notification_server::process_stats::nofile_limits().map(|(soft, _)| soft)
 }
 
 /// [`load_config`], with `max_connections` fitted to the open-file limit. Used at start

@@ -139,15 +139,19 @@ fn open_fds() -> u64 {
 
 /// The soft `RLIMIT_NOFILE` (what `accept` runs into).
 fn max_fds() -> u64 {
-    let mut lim = libc::rlimit {
+    nofile_limits().map_or(0, |(soft, _)| soft)
+}
+
+/// This process's open-file limits, (soft, hard). Read with `getrlimit64`, whose fields
+/// are 64 bits on every target: `rlim_t` is 32 bits on armhf (where `RLIM_INFINITY` is
+/// `u32::MAX`), which made a `u64` reading of `getrlimit` fail to build there.
+pub fn nofile_limits() -> Option<(u64, u64)> {
+    let mut lim = libc::rlimit64 {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 0;
-    }
-    lim.rlim_cur
+    // SAFETY: getrlimit64 writes into the struct we own.
+    (unsafe { libc::getrlimit64(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some((lim.rlim_cur, lim.rlim_max))
 }
 
 #[cfg(test)]

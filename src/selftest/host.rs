@@ -286,12 +286,7 @@ fn process_nofile(pid: u32) -> Option<u64> {
 }
 
 fn own_hard_nofile() -> Option<u64> {
-    let mut lim = libc::rlimit64 {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit on a local struct.
-    (unsafe { libc::getrlimit64(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_max)
+    crate::process_stats::nofile_limits().map(|(_, hard)| hard)
 }
 
 fn meminfo_total() -> Option<u64> {
